@@ -1,0 +1,1 @@
+"""The choreography kit: events, topology, broker, runner; knows no service."""

@@ -1,0 +1,167 @@
+"""The robust connection and the publisher: persistent, confirmed, mandatory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractRobustConnection,
+    HeadersType,
+)
+from aio_pika.exceptions import AMQPConnectionError
+from yarl import URL
+
+from common.events import Event
+from common.logging import get_logger
+from common.topology import Topology
+
+log = get_logger(__name__)
+
+CONTENT_TYPE = "application/json"
+
+#: Seconds between heartbeats: a stalled connection is noticed in about twice this.
+DEFAULT_HEARTBEAT = 10
+
+
+class UnroutableError(RuntimeError):
+    """The broker returned a mandatory publish: no queue is bound to its exchange."""
+
+
+def broker_url(url: str, connection_name: str) -> str:
+    """The URL with a short heartbeat and a connection name, unless the URL sets them."""
+    parsed = URL(url)
+    query: dict[str, str] = dict(parsed.query)
+    query.setdefault("heartbeat", str(DEFAULT_HEARTBEAT))
+    query.setdefault("name", connection_name)
+    return str(parsed.with_query(query))
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parsed = URL(url)
+    return str(parsed.with_password("***") if parsed.password else parsed).split("?")[0]
+
+
+async def connect(url: str, connection_name: str, *, wait: float | None = None
+                  ) -> AbstractRobustConnection:
+    """A connection that reconnects by itself; waits for the broker with backoff first.
+
+    `wait` bounds the wait in seconds (None: forever), so a service started before the
+    broker comes up instead of crashing.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if wait is None else loop.time() + wait
+    delay = 0.25
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await aio_pika.connect_robust(
+                broker_url(url, connection_name),
+                client_properties={"connection_name": connection_name},
+                timeout=10,
+            )
+        except (TimeoutError, AMQPConnectionError, OSError, ConnectionError) as exc:
+            if deadline is not None and loop.time() + delay > deadline:
+                raise ConnectionError(
+                    f"RabbitMQ at {safe_url(url)} did not answer within {wait:.0f} s ({exc}). "
+                    "Start one (scripts/ensure-broker) or set AMQP_URL."
+                ) from exc
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning("waiting for the broker", url=safe_url(url), attempt=attempt,
+                            error=str(exc) or type(exc).__name__, retry_in=round(delay, 2))
+            await asyncio.sleep(delay)  # backoff between connection attempts, not a test wait
+            delay = min(delay * 2, 5.0)
+
+
+def instance_name(service: str) -> str:
+    return f"{service}@{socket.gethostname()}:{os.getpid()}"
+
+
+def message_for(event: Event, body: bytes | None = None,
+                headers: Mapping[str, Any] | None = None) -> aio_pika.Message:
+    """The AMQP message for an event: the envelope repeated in the properties."""
+    return aio_pika.Message(
+        body=body if body is not None else event.model_dump_json().encode(),
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(event.event_id),
+        type=event.event_type,
+        correlation_id=event.correlation_id,
+        timestamp=event.occurred_at,
+        app_id=event.producer,
+        headers=dict(headers or {"schema_version": event.schema_version}),
+    )
+
+
+class Publisher:
+    """Publishes events to their fanout exchange with confirms; unroutable raises."""
+
+    def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._lock = asyncio.Lock()
+
+    async def _get_channel(self) -> AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            # on_return_raises: a mandatory publish nobody can route is an error the caller
+            # sees, not a silent drop.
+            self._channel = await self._connection.channel(publisher_confirms=True,
+                                                           on_return_raises=True)
+            self._exchanges.clear()
+        return self._channel
+
+    async def exchange(self, name: str, kind: aio_pika.ExchangeType = aio_pika.ExchangeType.FANOUT
+                       ) -> AbstractExchange:
+        async with self._lock:
+            channel = await self._get_channel()
+            if name not in self._exchanges:
+                self._exchanges[name] = await self._topology.declare_exchange(channel, name, kind)
+            return self._exchanges[name]
+
+    async def publish(self, event: Event, *, body: bytes | None = None) -> None:
+        """Publish and wait for the broker's confirm."""
+        exchange = await self.exchange(self._topology.exchange(type(event)))
+        await self.publish_message(exchange, message_for(event, body))
+
+    async def publish_message(self, exchange: AbstractExchange, message: aio_pika.Message,
+                              routing_key: str = "") -> None:
+        try:
+            await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=30)
+        except aio_pika.exceptions.PublishError as exc:
+            raise UnroutableError(
+                f"no queue is bound to exchange {exchange.name!r}: "
+                f"{message.type or 'message'} {message.message_id} was returned"
+            ) from exc
+
+    async def publish_raw(self, exchange_name: str, routing_key: str, body: bytes,
+                          headers: HeadersType, template: aio_pika.abc.AbstractMessage | None,
+                          kind: aio_pika.ExchangeType = aio_pika.ExchangeType.DIRECT) -> None:
+        """Publish bytes as they are (a dead letter keeps its body), with the original's
+        properties where there is one."""
+        exchange = await self.exchange(exchange_name, kind)
+        message = aio_pika.Message(
+            body=body,
+            headers=headers,
+            content_type=template.content_type if template else None,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=template.message_id if template else None,
+            type=template.type if template else None,
+            correlation_id=template.correlation_id if template else None,
+            timestamp=template.timestamp if template else None,
+            app_id=template.app_id if template else None,
+        )
+        await self.publish_message(exchange, message, routing_key)
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()

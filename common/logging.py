@@ -1,0 +1,62 @@
+"""structlog set-up, once per process: JSON when not on a terminal, readable colours on one."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+from common.settings import ServiceSettings
+
+
+def configure_logging(settings: ServiceSettings) -> None:
+    """Route structlog and the standard library (aio-pika, uvicorn) through one renderer."""
+    fmt = settings.log_format
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info if fmt == "json" else _noop,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    structlog.contextvars.bind_contextvars(service=settings.service_name)
+    # aiormq logs every reconnect attempt's traceback at WARNING; ours says it once.
+    logging.getLogger("aiormq").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, root.level))
+
+
+def _noop(_logger: Any, _name: str, event_dict: Any) -> Any:
+    return event_dict
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger; delivery context (event_id, order_id, ...) is bound by the runner."""
+    return structlog.get_logger(name)

@@ -1,0 +1,419 @@
+"""The subscriber runner: decode, dedupe, handle, commit, ack, receipt; and a service's life."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Generic
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from pydantic import ValidationError
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from common.broker import Publisher, connect, instance_name
+from common.db import create_tables, is_sqlite, make_engine
+from common.events import DeliveryReceipt, Event, SubscriberAnnounced
+from common.logging import get_logger
+from common.outbox import Relay, add_to_outbox, kit_metadata, remember, seen, utcnow
+from common.service import Handler, ServiceSpec, StoreT
+from common.settings import ServiceSettings
+from common.topology import Topology
+
+log = get_logger(__name__)
+
+Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]
+
+
+class PoisonMessage(Exception):
+    """A delivery no retry can fix: not JSON, not the event's schema, unknown type."""
+
+
+@dataclass(frozen=True)
+class Subscription(Generic[StoreT]):
+    """One queue a service consumes, and the handler for each event type it carries."""
+
+    queue: str
+    handlers: Mapping[str, tuple[type[Event], Handler[StoreT]]]
+    #: Receipts go to the audit trail for business events, never for the audit queue itself
+    #: (a receipt about a receipt would loop).
+    receipts: bool = True
+
+
+def decode(message: AbstractIncomingMessage,
+           handlers: Mapping[str, tuple[type[Event], Handler[Any]]]) -> tuple[Event, Handler[Any]]:
+    """The event in a delivery and its handler, or PoisonMessage saying what is wrong."""
+    try:
+        payload = json.loads(message.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PoisonMessage(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise PoisonMessage(f"body is JSON {type(payload).__name__}, not an object")
+    event_type = payload.get("event_type") or message.type
+    if not isinstance(event_type, str) or event_type not in handlers:
+        raise PoisonMessage(f"unknown event type {event_type!r} on this queue "
+                            f"(expected one of {', '.join(sorted(handlers))})")
+    cls, handler = handlers[event_type]
+    try:
+        return cls.model_validate(payload), handler
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
+                           for e in exc.errors()[:10])
+        raise PoisonMessage(f"does not match {event_type} schema v"
+                            f"{payload.get('schema_version', '?')}: {errors}") from exc
+
+
+class Runtime(Generic[StoreT]):
+    """A running service: its database, topology and relay, for its handlers and extras."""
+
+    def __init__(self, spec: ServiceSpec[StoreT], settings: ServiceSettings,
+                 engine: AsyncEngine, topology: Topology) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.engine = engine
+        self.topology = topology
+        self.connection: AbstractRobustConnection | None = None
+        self.publisher: Publisher | None = None
+        self.relay: Relay | None = None
+        # SQLite has one writer at a time: serialise our own writers instead of letting them
+        # fail with "database is locked"; PostgreSQL needs no such lock.
+        self.write_lock = asyncio.Lock() if is_sqlite(engine) else _NullLock()
+
+    async def execute(self, work: Work) -> list[Event]:
+        """Run `work` in one transaction, store its events in the outbox, commit, publish."""
+        async with self.write_lock, self.engine.begin() as conn:
+            events = [self._stamp(e) for e in await work(conn)]
+            await add_to_outbox(conn, events)
+        if self.relay is not None:
+            self.relay.wake()
+        return events
+
+    def _stamp(self, event: Event) -> Event:
+        if event.producer:
+            return event
+        return event.model_copy(update={"producer": self.spec.name})
+
+    def broker_ok(self) -> bool:
+        return self.connection is not None and not self.connection.is_closed
+
+    async def db_ok(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:  # any failure means "not healthy"; the caller reports it
+            return False
+        return True
+
+
+class _NullLock:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class ServiceRunner(Generic[StoreT]):
+    """Starts a service (tables, topology, consumers, relay, announcer) and stops it cleanly."""
+
+    def __init__(self, spec: ServiceSpec[StoreT], settings: ServiceSettings, *,
+                 broker_wait: float | None = None, shutdown_timeout: float = 10.0) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.topology = Topology(settings.name_prefix)
+        self.broker_wait = broker_wait
+        self.shutdown_timeout = shutdown_timeout
+        self.runtime = Runtime(spec, settings, make_engine(settings.db_url()), self.topology)
+        self.subscriptions = self._subscriptions()
+        self._queues: list[tuple[AbstractQueue, str]] = []
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._instance = instance_name(spec.name)
+
+    def _subscriptions(self) -> list[Subscription[StoreT]]:
+        subs = [
+            Subscription(self.topology.queue(self.spec.name, cls),
+                         {cls.model_fields["event_type"].default: (cls, handler)})
+            for cls, handler in self.spec.handlers.items()
+        ]
+        if self.spec.audit_handlers:
+            subs.append(Subscription(
+                self.topology.audit_queue,
+                {cls.model_fields["event_type"].default: (cls, handler)
+                 for cls, handler in self.spec.audit_handlers.items()},
+                receipts=False))
+        return subs
+
+    async def __aenter__(self) -> Runtime[StoreT]:
+        rt = self.runtime
+        await create_tables(rt.engine, kit_metadata, self.spec.metadata)
+        if self.spec.on_start is not None:
+            await self.spec.on_start(rt.engine)
+        rt.connection = await connect(self.settings.amqp_url, self._instance,
+                                      wait=self.broker_wait)
+        rt.publisher = Publisher(rt.connection, self.topology)
+        rt.relay = Relay(rt.engine, rt.publisher, write_lock=rt.write_lock)  # type: ignore[arg-type]
+        await self._declare_audit()
+        for sub in self.subscriptions:
+            await self._consume(sub)
+        self._tasks.append(asyncio.create_task(rt.relay.run(), name=f"{self.spec.name}-relay"))
+        if self.spec.handlers:
+            self._tasks.append(asyncio.create_task(self._announce_forever(),
+                                                   name=f"{self.spec.name}-announcer"))
+        log.info("service started", queues=[s.queue for s in self.subscriptions],
+                 prefetch=self.settings.prefetch)
+        return rt
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def _declare_audit(self) -> None:
+        """Every service declares the audit exchange and the tracker's queue, so receipts
+        and announcements are kept even before the tracker first runs."""
+        assert self.runtime.connection is not None
+        channel = await self.runtime.connection.channel()
+        exchange = await self.topology.declare_event_exchange(channel, SubscriberAnnounced)
+        await self.topology.declare_subscriber_queue(channel, self.topology.audit_queue, exchange)
+        await channel.close()
+
+    async def _consume(self, sub: Subscription[StoreT]) -> None:
+        assert self.runtime.connection is not None
+        channel = await self.runtime.connection.channel()
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        # Declare and bind before consuming, so nothing published from now on is missed.
+        event_classes = {cls for cls, _ in sub.handlers.values()}
+        queue: AbstractQueue | None = None
+        for cls in event_classes:
+            exchange = await self.topology.declare_event_exchange(channel, cls)
+            queue = await self.topology.declare_subscriber_queue(channel, sub.queue, exchange)
+        assert queue is not None
+        tag = await queue.consume(functools.partial(self._on_message, sub))
+        self._queues.append((queue, tag))
+
+    async def _on_message(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
+                          ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            await self._deliver(sub, message)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def _deliver(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
+                       ) -> None:
+        started = time.perf_counter()
+        received_at = utcnow()
+        try:
+            event, handler = decode(message, sub.handlers)
+        except PoisonMessage as exc:
+            with structlog.contextvars.bound_contextvars(
+                    event_id=message.message_id, event_type=message.type,
+                    correlation_id=message.correlation_id, order_id=message.correlation_id):
+                await self._dead_letter(sub, message, reason="poison", error=exc,
+                                        received_at=received_at, started=started)
+            return
+        with structlog.contextvars.bound_contextvars(
+                event_id=str(event.event_id), event_type=event.event_type,
+                correlation_id=event.correlation_id, order_id=event.order_key):
+            try:
+                duplicate = await self._handle(sub, event, handler, received_at, started)
+            except Exception as exc:  # any handler failure: dead-letter it, keep consuming
+                log.exception("handler failed; dead-lettering", queue=sub.queue)
+                await self._dead_letter(sub, message, reason="handler_error", error=exc,
+                                        received_at=received_at, started=started, event=event)
+                return
+            await message.ack()
+            log.debug("delivery handled", queue=sub.queue, duplicate=duplicate,
+                      duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def _handle(self, sub: Subscription[StoreT], event: Event, handler: Handler[StoreT],
+                      received_at: datetime, started: float) -> bool:
+        """The effect, the dedupe record, the outgoing events and the receipt: one commit."""
+        rt = self.runtime
+        event_id = str(event.event_id)
+        duplicate = False
+
+        async def work(conn: AsyncConnection) -> Sequence[Event]:
+            nonlocal duplicate
+            if sub.receipts and await seen(conn, sub.queue, event_id):
+                duplicate = True
+                return [self._receipt(sub, event, "duplicate", None, received_at, started)]
+            if sub.receipts:
+                await remember(conn, sub.queue, event_id)
+            produced = [e.caused(event, self.spec.name)
+                        for e in await handler(event, self.spec.store(conn))]
+            if sub.receipts:
+                produced.append(self._receipt(sub, event, "handled", None, received_at,
+                                              started))
+            return produced
+
+        try:
+            await rt.execute(work)
+        except IntegrityError:
+            # A competing replica committed the same event first (the inbox's key): the
+            # effect exists once; this delivery is a duplicate.
+            if not sub.receipts:
+                raise
+            duplicate = True
+            await rt.execute(_constant(self._receipt(
+                sub, event, "duplicate", None, received_at, started)))
+        return duplicate
+
+    def _receipt(self, sub: Subscription[StoreT], event: Event | None, outcome: str,
+                 error: str | None, received_at: datetime, started: float,
+                 message: AbstractIncomingMessage | None = None) -> DeliveryReceipt:
+        correlation = event.correlation_id if event else (message.correlation_id
+                                                          if message else None)
+        return DeliveryReceipt(
+            subscriber=self.spec.name,
+            queue=sub.queue,
+            handled_event_id=str(event.event_id) if event else (
+                message.message_id if message else None),
+            handled_event_type=event.event_type if event else (message.type if message
+                                                               else None),
+            outcome=outcome,  # type: ignore[arg-type]
+            error=error,
+            received_at=received_at,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            correlation_id=correlation,
+            causation_id=event.event_id if event else None,
+            producer=self.spec.name,
+        )
+
+    async def _dead_letter(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
+                           *, reason: str, error: BaseException, received_at: datetime,
+                           started: float, event: Event | None = None) -> None:
+        """Park the delivery, as received, in `<queue>.dlq` with why; then ack it.
+
+        If the dead-letter publish is not confirmed, the delivery is returned to its queue
+        instead: it is never acked without a copy somewhere.
+        """
+        rt = self.runtime
+        assert rt.publisher is not None
+        failed_at = utcnow().isoformat()
+        headers: dict[str, Any] = dict(message.headers or {})
+        headers.update({
+            "x-error-reason": reason,
+            "x-exception-type": type(error).__name__,
+            "x-exception-message": str(error)[:2000],
+            "x-failed-at": failed_at,
+            "x-first-failed-at": headers.get("x-first-failed-at", failed_at),
+            "x-service": self.spec.name,
+            "x-original-queue": sub.queue,
+            "x-original-exchange": message.exchange or "",
+            "x-attempts": int(headers.get("x-attempts", 0) or 0) + 1,
+        })
+        dlq = self.topology.dlq(sub.queue)
+        try:
+            await rt.publisher.publish_raw(self.topology.dead_letter_exchange, dlq,
+                                           message.body, headers, message)
+        except Exception:
+            log.exception("could not dead-letter; returning the delivery to its queue",
+                          queue=sub.queue)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+        log.warning("delivery dead-lettered", queue=sub.queue, dlq=dlq, reason=reason,
+                    error=str(error)[:500])
+        if sub.receipts:
+            receipt = self._receipt(sub, event, "dead_lettered",
+                                    f"{type(error).__name__}: {error}"[:2000], received_at,
+                                    started, message)
+            try:
+                await rt.execute(_constant(receipt))
+            except Exception:
+                log.exception("could not record the dead-letter receipt")
+
+    async def _announce_forever(self) -> None:
+        consumes = {
+            cls.model_fields["event_type"].default: self.topology.queue(self.spec.name, cls)
+            for cls in self.spec.handlers
+        }
+        while True:
+            announcement = SubscriberAnnounced(subscriber=self.spec.name,
+                                               instance=self._instance, consumes=consumes,
+                                               producer=self.spec.name)
+            try:
+                await self.runtime.execute(_constant(announcement))
+            except Exception:
+                log.exception("could not announce")
+            await asyncio.sleep(self.settings.announce_interval)  # a heartbeat, not a wait
+
+    async def stop(self) -> None:
+        """Stop taking deliveries, let in-flight ones finish, flush the outbox, close."""
+        rt = self.runtime
+        for queue, tag in self._queues:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._queues.clear()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=self.shutdown_timeout)
+        if rt.relay is not None and rt.broker_ok():
+            rt.relay.wake()
+            await rt.relay.wait_idle(timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if rt.connection is not None:
+            with contextlib.suppress(Exception):
+                await rt.connection.close()
+        await rt.engine.dispose()
+        log.info("service stopped")
+
+
+def _constant(event: Event) -> Work:
+    """Work that changes nothing and publishes one event (a receipt, an announcement)."""
+
+    async def work(_conn: AsyncConnection) -> Sequence[Event]:
+        return [event]
+
+    return work
+
+
+async def run_service(spec: ServiceSpec[StoreT], settings: ServiceSettings,
+                      extra: Callable[[Runtime[StoreT]], Coroutine[Any, Any, None]] | None = None
+                      ) -> None:
+    """Run a service until SIGINT or SIGTERM, then stop it cleanly."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    runner = ServiceRunner(spec, settings)
+    start = asyncio.create_task(runner.__aenter__())
+    stop_wait = asyncio.create_task(stopping.wait())
+    done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if start not in done:  # asked to stop while still waiting for the broker
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await start
+        await runner.stop()
+        return
+    runtime = start.result()
+    extra_task = asyncio.create_task(extra(runtime)) if extra is not None else None
+    waiters: set[asyncio.Task[Any]] = {stop_wait}
+    if extra_task is not None:
+        waiters.add(extra_task)
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping")
+    if extra_task is not None:
+        extra_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await extra_task
+    await runner.stop()
+    if extra_task is not None and not extra_task.cancelled() and extra_task.exception():
+        raise extra_task.exception()  # type: ignore[misc]
+

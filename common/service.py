@@ -1,0 +1,37 @@
+"""What a service declares about itself, and how the kit runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from common.events import Event
+
+StoreT = TypeVar("StoreT")
+
+#: A handler: the business reaction to one event. It receives the event and the service's
+#: store, bound to the transaction the kit opened for this delivery, and returns the events
+#: it wants published. The kit commits the store's changes with those events (outbox) and
+#: the delivery's dedupe record, then acks.
+Handler = Callable[[Any, StoreT], Awaitable[Sequence[Event]]]
+
+
+@dataclass(frozen=True)
+class ServiceSpec(Generic[StoreT]):
+    """A service as the kit sees it: a name, a handler table and a store."""
+
+    name: str
+    #: Which handler reacts to which event; one queue per event: `<service>.<routing>`.
+    handlers: Mapping[type[Event], Handler[StoreT]]
+    #: Builds the service's store on the delivery's transaction.
+    store: Callable[[AsyncConnection], StoreT]
+    #: The service's own tables, created at start-up.
+    metadata: MetaData
+    #: Runs once after the tables exist (seed data, for example).
+    on_start: Callable[[AsyncEngine], Awaitable[None]] | None = None
+    #: Extra handlers on the audit queue (receipts, announcements); only the tracker has them.
+    audit_handlers: Mapping[type[Event], Handler[StoreT]] = field(default_factory=dict)

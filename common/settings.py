@@ -1,0 +1,52 @@
+"""Configuration from the environment: one settings class per service, built at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _shared(name: str) -> AliasChoices:
+    """Read a setting every service shares from its un-prefixed variable."""
+    return AliasChoices(name)
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs; a subclass per service sets its name and env prefix.
+
+    Shared settings (broker, prefix, logs) come from un-prefixed variables; what a service
+    owns alone (its database, its prefetch) from `<SERVICE>_...`, so `shop up` can hand
+    one environment to all four processes.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    service_name: ClassVar[str] = "service"
+
+    amqp_url: str = Field("amqp://guest:guest@localhost:5672/",
+                          validation_alias=_shared("AMQP_URL"), description="RabbitMQ URL.")
+    management_url: str = Field("http://guest:guest@localhost:15672/",
+                                validation_alias=_shared("RABBITMQ_MANAGEMENT_URL"),
+                                description="RabbitMQ management HTTP API, for `shop queues`.")
+    name_prefix: str = Field("", validation_alias=_shared("SHOP_NAME_PREFIX"),
+                             description="Prefix for every exchange and queue name.")
+    data_dir: Path = Field(Path("data"), validation_alias=_shared("SHOP_DATA_DIR"),
+                           description="Where the default SQLite databases live.")
+    log_level: str = Field("INFO", validation_alias=_shared("LOG_LEVEL"))
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", validation_alias=_shared("LOG_FORMAT"),
+        description="auto: readable on a terminal, JSON otherwise.")
+    announce_interval: float = Field(
+        60.0, gt=0, validation_alias=_shared("SHOP_ANNOUNCE_INTERVAL"),
+        description="Seconds between a subscriber's re-announcements.")
+
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; default an SQLite file in the data folder.")
+    prefetch: int = Field(32, ge=1, le=10_000, description="Unacked deliveries per consumer.")
+
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / (self.service_name + '.db')}"

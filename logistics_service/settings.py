@@ -1,0 +1,15 @@
+"""The logistics service's configuration, from the environment."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import ServiceSettings
+
+
+class LogisticsSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LOGISTICS_", extra="ignore",
+                                      populate_by_name=True)
+    service_name: ClassVar[str] = "logistics"

@@ -1,0 +1,14 @@
+"""The seller service's configuration, from the environment."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import ServiceSettings
+
+
+class SellerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SELLER_", extra="ignore", populate_by_name=True)
+    service_name: ClassVar[str] = "seller"

@@ -1,0 +1,239 @@
+"""The kit on a real RabbitMQ: delivery, dead letters, dedupe, unroutable, declaration clashes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import aio_pika
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from common.broker import Publisher, UnroutableError, message_for
+from common.events import (
+    Address,
+    DeliveryReceipt,
+    Event,
+    OrderLine,
+    OrderPlaced,
+    StockReserved,
+)
+from common.runner import Runtime
+from common.service import ServiceSpec
+from common.topology import Topology, TopologyError
+from tests.integration.conftest import StartService, delete_topology, wait_for
+
+pytestmark = pytest.mark.integration
+
+probe_metadata = MetaData()
+effects = Table(
+    "probe_effects", probe_metadata,
+    Column("id", Integer, primary_key=True),
+    Column("order_id", String(36), nullable=False),
+)
+
+
+class ProbeStore:
+    """A subscriber's store that records one row per effect."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def record(self, order_id: uuid.UUID) -> None:
+        await self.conn.execute(insert(effects).values(order_id=str(order_id)))
+
+
+async def record_order(event: OrderPlaced, store: ProbeStore) -> Sequence[Event]:
+    if event.customer_id == "explode":
+        raise RuntimeError("the probe refuses this customer")
+    await store.record(event.order_id)
+    return []
+
+
+PROBE = ServiceSpec(name="probe", handlers={OrderPlaced: record_order}, store=ProbeStore,
+                    metadata=probe_metadata)
+
+
+def an_order(customer: str = "cust-1") -> OrderPlaced:
+    order_id = uuid.uuid4()
+    return OrderPlaced(
+        order_id=order_id, customer_id=customer, correlation_id=str(order_id), producer="test",
+        lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=Decimal("2.50"), seller_id="s1"),),
+        currency="EUR", total=Decimal("5.00"),
+        shipping_address=Address(name="A", street="B 1", city="C", postal_code="1",
+                                 country="DE"),
+    )
+
+
+async def effect_count(runtime: Runtime[Any], order_id: uuid.UUID | None = None) -> int:
+    query = select(func.count()).select_from(effects)
+    if order_id is not None:
+        query = query.where(effects.c.order_id == str(order_id))
+    async with runtime.engine.connect() as conn:
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def publish(runtime: Runtime[Any], *events: Event) -> None:
+    async def work(_conn: AsyncConnection) -> Sequence[Event]:
+        return list(events)
+
+    await runtime.execute(work)
+
+
+async def dlq_messages(broker: aio_pika.abc.AbstractConnection, queue: str,
+                       expected: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Fetch (and ack) `expected` messages from `<queue>.dlq`, polling with a deadline."""
+    channel = await broker.channel()
+    dlq = await channel.declare_queue(f"{queue}.dlq", passive=True)
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+    async def fetch() -> bool:
+        message = await dlq.get(fail=False)
+        if message is not None:
+            await message.ack()
+            got.append(message)
+        return len(got) >= expected
+
+    await wait_for(fetch, what=f"{expected} dead letters in {dlq.name}")
+    return got
+
+
+async def test_an_event_reaches_a_subscriber_once(start_service: StartService) -> None:
+    """An OrderPlaced published through the outbox is handled once by the subscriber."""
+    runtime = await start_service(PROBE)
+    order = an_order()
+    await publish(runtime, order)
+    await wait_for(lambda: effect_count(runtime, order.order_id), what="the effect")
+    assert await effect_count(runtime, order.order_id) == 1
+
+
+async def test_the_same_event_twice_has_one_effect(start_service: StartService,
+                                                   amqp: aio_pika.abc.AbstractConnection
+                                                   ) -> None:
+    """A duplicate publish is acked without a second effect (the inbox dedupes)."""
+    runtime = await start_service(PROBE)
+    order, marker = an_order(), an_order()
+    await publish(runtime, order)
+    await publish(runtime, order)  # a new outbox row, the same event_id
+    await publish(runtime, marker)  # behind the duplicate on the same queue
+    await wait_for(lambda: effect_count(runtime, marker.order_id), what="the marker")
+    assert await effect_count(runtime, order.order_id) == 1
+
+
+async def test_malformed_and_wrong_schema_messages_are_dead_lettered(
+        start_service: StartService, amqp: aio_pika.abc.AbstractConnection) -> None:
+    """Bad JSON and a schema mismatch land in the DLQ with the reason; later ones still flow."""
+    runtime = await start_service(PROBE)
+    queue = runtime.topology.queue("probe", OrderPlaced)
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(runtime.topology.exchange(OrderPlaced))
+    await exchange.publish(aio_pika.Message(b"{not json", message_id="bad-json"), routing_key="")
+    wrong = json.loads(an_order().model_dump_json())
+    wrong["lines"][0]["quantity"] = 0
+    await exchange.publish(aio_pika.Message(json.dumps(wrong).encode(), message_id="bad-schema"),
+                           routing_key="")
+    good = an_order()
+    await publish(runtime, good)
+
+    await wait_for(lambda: effect_count(runtime, good.order_id), what="the good order")
+    dead = await dlq_messages(amqp, queue, 2)
+    by_id = {m.message_id: m for m in dead}
+    assert by_id["bad-json"].body == b"{not json"
+    assert by_id["bad-json"].headers["x-error-reason"] == "poison"
+    assert "not valid JSON" in str(by_id["bad-json"].headers["x-exception-message"])
+    assert "lines.0.quantity" in str(by_id["bad-schema"].headers["x-exception-message"])
+    assert by_id["bad-schema"].headers["x-original-queue"] == queue
+
+
+async def test_a_failing_handler_is_dead_lettered_with_its_error(
+        start_service: StartService, amqp: aio_pika.abc.AbstractConnection) -> None:
+    """A handler exception parks the delivery in the DLQ with the error; the runner goes on."""
+    runtime = await start_service(PROBE)
+    queue = runtime.topology.queue("probe", OrderPlaced)
+    bad, good = an_order("explode"), an_order()
+    await publish(runtime, bad, good)
+    await wait_for(lambda: effect_count(runtime, good.order_id), what="the good order")
+    (dead,) = await dlq_messages(amqp, queue, 1)
+    assert dead.message_id == str(bad.event_id)
+    assert dead.headers["x-exception-type"] == "RuntimeError"
+    assert dead.headers["x-service"] == "probe"
+    assert OrderPlaced.model_validate_json(dead.body) == bad
+    assert await effect_count(runtime, bad.order_id) == 0
+
+
+async def test_receipts_say_what_each_delivery_became(
+        start_service: StartService, amqp: aio_pika.abc.AbstractConnection) -> None:
+    """Handled and dead-lettered deliveries each leave a receipt on the audit queue."""
+    runtime = await start_service(PROBE)
+    good, bad = an_order(), an_order("explode")
+    await publish(runtime, good, bad)
+    channel = await amqp.channel()
+    audit = await channel.declare_queue(runtime.topology.audit_queue, passive=True)
+    receipts: dict[str, DeliveryReceipt] = {}
+
+    async def collect() -> bool:
+        message = await audit.get(fail=False)
+        if message is not None:
+            await message.ack()
+            if message.type == "DeliveryReceipt":
+                receipt = DeliveryReceipt.model_validate_json(message.body)
+                receipts[receipt.handled_event_id or "?"] = receipt
+        return {str(good.event_id), str(bad.event_id)} <= receipts.keys()
+
+    await wait_for(collect, what="two receipts")
+    assert receipts[str(good.event_id)].outcome == "handled"
+    assert receipts[str(good.event_id)].subscriber == "probe"
+    assert receipts[str(good.event_id)].correlation_id == str(good.order_id)
+    assert receipts[str(bad.event_id)].outcome == "dead_lettered"
+    assert "the probe refuses" in (receipts[str(bad.event_id)].error or "")
+
+
+async def test_an_unroutable_publish_raises(amqp_url: str, name_prefix: str,
+                                            amqp: aio_pika.abc.AbstractRobustConnection
+                                            ) -> None:
+    """A persistent, mandatory publish with no queue bound raises instead of vanishing."""
+    topology = Topology(name_prefix)
+    publisher = Publisher(amqp, topology)
+    event = StockReserved(order_id=uuid.uuid4(), lines=({"sku": "A", "quantity": 1},),
+                          correlation_id="x")  # type: ignore[arg-type]
+    try:
+        with pytest.raises(UnroutableError, match="no queue is bound"):
+            await publisher.publish(event)
+    finally:
+        await delete_topology(amqp_url, [topology], name_prefix)
+
+
+async def test_the_message_carries_the_envelope_in_its_properties() -> None:
+    """message_id, type, correlation_id, timestamp, app_id and persistence come from the event."""
+    event = an_order()
+    message = message_for(event)
+    assert message.message_id == str(event.event_id)
+    assert message.type == "OrderPlaced"
+    assert message.correlation_id == str(event.order_id)
+    assert message.app_id == "test"
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.timestamp is not None
+
+
+async def test_a_declaration_clash_stops_with_a_clear_error(
+        amqp_url: str, name_prefix: str, amqp: aio_pika.abc.AbstractRobustConnection) -> None:
+    """A queue that exists with other arguments gives an error naming it and how to migrate."""
+    topology = Topology(name_prefix)
+    name = topology.queue("probe", OrderPlaced)
+    channel = await amqp.channel()
+    await channel.declare_queue(name, durable=True, arguments={"x-max-length": 10})
+    topology.declared_queues.append(name)
+    try:
+        with pytest.raises(TopologyError) as caught:
+            await topology.declare_queue(await amqp.channel(), name)
+        message = str(caught.value)
+        assert repr(name) in message
+        assert "x-dead-letter-exchange" in message or "x-max-length" in message
+        assert "To migrate" in message
+    finally:
+        await delete_topology(amqp_url, [topology], name_prefix)
