@@ -20,6 +20,7 @@ from rich.table import Table
 from yarl import URL
 
 from common.broker import connect, safe_url
+from common.logging import get_logger
 from common.settings import ServiceSettings
 from common.topology import Topology
 from inventory_service.cli import app as inventory_app
@@ -38,6 +39,7 @@ app.add_typer(logistics_app, name="logistics", help="Shipments (the logistics se
 app.add_typer(seller_app, name="seller", help="Sellers' inboxes (the seller service).")
 
 console = Console()
+log = get_logger(__name__)
 err = Console(stderr=True)
 
 
@@ -128,7 +130,8 @@ async def _supervise(stop_timeout: float) -> int:
 
 
 async def _pump(name: str, proc: asyncio.subprocess.Process, width: int) -> None:
-    assert proc.stdout is not None
+    if proc.stdout is None:
+        return
     prefix = typer.style(f"{name:<{width}} | ", fg=_COLOURS.get(name, "white"), bold=True)
     async for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
@@ -175,13 +178,16 @@ def _system_queue_names(settings: ServiceSettings) -> list[str]:
     return sorted(names)
 
 
+_COLUMNS = "name,messages_ready,messages_unacknowledged,consumers"
+
+
 def _queues_from_management(settings: ServiceSettings) -> list[dict[str, Any]]:
     url = URL(settings.management_url)
     auth = (url.user or "guest", url.password or "guest")
     base = str(url.with_user(None).with_password(None)).rstrip("/")
     vhost = URL(settings.amqp_url).path.lstrip("/") or "/"
     response = httpx.get(f"{base}/api/queues/{quote(vhost, safe='')}",
-                         params={"columns": "name,messages_ready,messages_unacknowledged,consumers"},
+                         params={"columns": _COLUMNS},
                          auth=auth, timeout=5)
     response.raise_for_status()
     by_name = {q["name"]: q for q in response.json()}
@@ -217,6 +223,7 @@ async def _queues_from_amqp(settings: ServiceSettings) -> list[dict[str, Any]]:
                 try:
                     declared = await channel.declare_queue(target, passive=True)
                 except Exception:  # passive declare of a missing queue closes the channel
+                    log.debug("queue not found", queue=target)
                     continue
                 result = declared.declaration_result
                 row[key] = result.message_count
@@ -233,3 +240,7 @@ async def _queues_from_amqp(settings: ServiceSettings) -> list[dict[str, Any]]:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -24,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.broker import Publisher
-from common.events import Event
+from common.events import EVENT_TYPES, Event
 from common.logging import get_logger
 
 log = get_logger(__name__)
@@ -126,10 +127,8 @@ class Relay:
             await self._wait(self._poll_interval)
 
     async def _wait(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     async def flush_once(self) -> int:
         """Publish one batch of unsent rows; returns how many were sent."""
@@ -140,7 +139,6 @@ class Relay:
             )).all()
         if not rows:
             return 0
-        from common.events import EVENT_TYPES
 
         # Publish the whole batch in flight at once (confirms arrive concurrently) rather than
         # awaiting each confirm in turn; frames still leave in id order on one channel.
@@ -160,10 +158,10 @@ class Relay:
             raise failed[0]
         return len(sent_ids)
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until every row committed so far is published (or the timeout)."""
+    async def wait_idle(self, seconds: float) -> bool:
+        """Wait until every row committed so far is published (or `seconds` pass)."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), seconds)
         except TimeoutError:
             return False
         return True

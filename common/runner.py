@@ -35,7 +35,7 @@ log = get_logger(__name__)
 Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]
 
 
-class PoisonMessage(Exception):
+class PoisonMessageError(Exception):
     """A delivery no retry can fix: not JSON, not the event's schema, unknown type."""
 
 
@@ -52,16 +52,16 @@ class Subscription(Generic[StoreT]):
 
 def decode(message: AbstractIncomingMessage,
            handlers: Mapping[str, tuple[type[Event], Handler[Any]]]) -> tuple[Event, Handler[Any]]:
-    """The event in a delivery and its handler, or PoisonMessage saying what is wrong."""
+    """The event in a delivery and its handler, or PoisonMessageError saying what is wrong."""
     try:
         payload = json.loads(message.body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PoisonMessage(f"body is not valid JSON: {exc}") from exc
+        raise PoisonMessageError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
-        raise PoisonMessage(f"body is JSON {type(payload).__name__}, not an object")
+        raise PoisonMessageError(f"body is JSON {type(payload).__name__}, not an object")
     event_type = payload.get("event_type") or message.type
     if not isinstance(event_type, str) or event_type not in handlers:
-        raise PoisonMessage(f"unknown event type {event_type!r} on this queue "
+        raise PoisonMessageError(f"unknown event type {event_type!r} on this queue "
                             f"(expected one of {', '.join(sorted(handlers))})")
     cls, handler = handlers[event_type]
     try:
@@ -69,7 +69,7 @@ def decode(message: AbstractIncomingMessage,
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
                            for e in exc.errors()[:10])
-        raise PoisonMessage(f"does not match {event_type} schema v"
+        raise PoisonMessageError(f"does not match {event_type} schema v"
                             f"{payload.get('schema_version', '?')}: {errors}") from exc
 
 
@@ -178,18 +178,21 @@ class ServiceRunner(Generic[StoreT]):
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.stop()
 
+    def _connection(self) -> AbstractRobustConnection:
+        if self.runtime.connection is None:
+            raise RuntimeError("the service is not started")
+        return self.runtime.connection
+
     async def _declare_audit(self) -> None:
         """Every service declares the audit exchange and the tracker's queue, so receipts
         and announcements are kept even before the tracker first runs."""
-        assert self.runtime.connection is not None
-        channel = await self.runtime.connection.channel()
+        channel = await self._connection().channel()
         exchange = await self.topology.declare_event_exchange(channel, SubscriberAnnounced)
         await self.topology.declare_subscriber_queue(channel, self.topology.audit_queue, exchange)
         await channel.close()
 
     async def _consume(self, sub: Subscription[StoreT]) -> None:
-        assert self.runtime.connection is not None
-        channel = await self.runtime.connection.channel()
+        channel = await self._connection().channel()
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         # Declare and bind before consuming, so nothing published from now on is missed.
         event_classes = {cls for cls, _ in sub.handlers.values()}
@@ -197,7 +200,8 @@ class ServiceRunner(Generic[StoreT]):
         for cls in event_classes:
             exchange = await self.topology.declare_event_exchange(channel, cls)
             queue = await self.topology.declare_subscriber_queue(channel, sub.queue, exchange)
-        assert queue is not None
+        if queue is None:
+            raise ValueError(f"subscription {sub.queue} has no handlers")
         tag = await queue.consume(functools.partial(self._on_message, sub))
         self._queues.append((queue, tag))
 
@@ -218,7 +222,7 @@ class ServiceRunner(Generic[StoreT]):
         received_at = utcnow()
         try:
             event, handler = decode(message, sub.handlers)
-        except PoisonMessage as exc:
+        except PoisonMessageError as exc:
             with structlog.contextvars.bound_contextvars(
                     event_id=message.message_id, event_type=message.type,
                     correlation_id=message.correlation_id, order_id=message.correlation_id):
@@ -302,7 +306,8 @@ class ServiceRunner(Generic[StoreT]):
         instead: it is never acked without a copy somewhere.
         """
         rt = self.runtime
-        assert rt.publisher is not None
+        if rt.publisher is None:
+            raise RuntimeError("the service is not started")
         failed_at = utcnow().isoformat()
         headers: dict[str, Any] = dict(message.headers or {})
         headers.update({
@@ -363,7 +368,7 @@ class ServiceRunner(Generic[StoreT]):
             await asyncio.wait(set(self._in_flight), timeout=self.shutdown_timeout)
         if rt.relay is not None and rt.broker_ok():
             rt.relay.wake()
-            await rt.relay.wait_idle(timeout=5)
+            await rt.relay.wait_idle(5)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

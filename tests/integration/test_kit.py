@@ -20,12 +20,13 @@ from common.events import (
     Event,
     OrderLine,
     OrderPlaced,
+    ReservedLine,
     StockReserved,
 )
 from common.runner import Runtime
 from common.service import ServiceSpec
 from common.topology import Topology, TopologyError
-from tests.integration.conftest import StartService, delete_topology, wait_for
+from tests.integration.support import StartService, delete_topology, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -198,8 +199,8 @@ async def test_an_unroutable_publish_raises(amqp_url: str, name_prefix: str,
     """A persistent, mandatory publish with no queue bound raises instead of vanishing."""
     topology = Topology(name_prefix)
     publisher = Publisher(amqp, topology)
-    event = StockReserved(order_id=uuid.uuid4(), lines=({"sku": "A", "quantity": 1},),
-                          correlation_id="x")  # type: ignore[arg-type]
+    event = StockReserved(order_id=uuid.uuid4(), lines=(ReservedLine(sku="A", quantity=1),),
+                          correlation_id="x")
     try:
         with pytest.raises(UnroutableError, match="no queue is bound"):
             await publisher.publish(event)
