@@ -1,0 +1,24 @@
+"""Bootstrap and run the seller service: `python -m seller_service`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from common.logging import configure_logging
+from common.runner import run_service
+from common.service import ServiceSpec
+from seller_service.handlers import HANDLERS, SERVICE_NAME
+from seller_service.settings import SellerSettings
+from seller_service.store import InboxStore, metadata
+
+SPEC = ServiceSpec(name=SERVICE_NAME, handlers=HANDLERS, store=InboxStore, metadata=metadata)
+
+
+def main() -> None:
+    settings = SellerSettings()
+    configure_logging(settings)
+    asyncio.run(run_service(SPEC, settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Logistics: carrier by country, delivery dates over weekends, replay-stable ids, the store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.testing import CliRunner
+
+from common.db import create_tables, make_engine
+from common.events import Address, OrderLine, OrderPlaced, ShipmentScheduled
+from logistics_service.cli import app
+from logistics_service.domain import (
+    Shipment,
+    add_business_days,
+    carrier_for,
+    plan_shipment,
+    shipment_id,
+    tracking_number,
+)
+from logistics_service.handlers import HANDLERS, schedule_shipment
+from logistics_service.store import ShipmentStore, metadata
+
+pytestmark = pytest.mark.unit
+
+FRIDAY = date(2024, 6, 7)
+
+
+def order(country: str = "DE", occurred_at: datetime | None = None) -> OrderPlaced:
+    order_id = uuid.uuid4()
+    return OrderPlaced(
+        order_id=order_id,
+        customer_id="cust-1",
+        lines=(OrderLine(sku="A", quantity=1, unit_price=Decimal("5.00"), seller_id="s1"),),
+        currency="EUR",
+        total=Decimal("5.00"),
+        shipping_address=Address(name="Ada", street="1 Row", city="Town",
+                                 postal_code="12345", country=country),
+        correlation_id=str(order_id),
+        occurred_at=occurred_at or datetime(2024, 6, 7, 10, 0, tzinfo=UTC),
+    )
+
+
+class FakeShipmentStore(ShipmentStore):
+    """The shipment store on an in-memory dict keyed by order id."""
+
+    def __init__(self) -> None:
+        self.shipments: dict[uuid.UUID, Shipment] = {}
+
+    async def add(self, shipment: Shipment) -> None:
+        self.shipments[shipment.order_id] = shipment
+
+    async def get(self, order_id: uuid.UUID) -> Shipment | None:
+        return self.shipments.get(order_id)
+
+
+# --- domain ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("country", "carrier"),
+    [("DE", "DHL"), ("AT", "DHL"), ("FR", "Colissimo"), ("GB", "Royal Mail"),
+     ("US", "UPS"), ("CA", "UPS"), ("JP", "DHL Express"), ("fr", "Colissimo")],
+)
+def test_carrier_is_chosen_by_destination_country(country: str, carrier: str) -> None:
+    """Each destination has its carrier; anywhere else goes DHL Express."""
+    assert carrier_for(country).name == carrier
+
+
+def test_business_days_skip_the_weekend() -> None:
+    """Friday + 1 is Monday, Friday + 2 Tuesday, Saturday + 1 Monday, Monday + 5 Monday."""
+    assert FRIDAY.weekday() == 4
+    assert add_business_days(FRIDAY, 1) == date(2024, 6, 10)
+    assert add_business_days(FRIDAY, 2) == date(2024, 6, 11)
+    assert add_business_days(date(2024, 6, 8), 1) == date(2024, 6, 10)
+    assert add_business_days(date(2024, 6, 10), 5) == date(2024, 6, 17)
+    assert add_business_days(FRIDAY, 0) == FRIDAY
+
+
+def test_estimated_delivery_counts_the_carriers_business_days() -> None:
+    """An order to Germany on a Friday (DHL, 2 days) arrives on Tuesday, not Sunday."""
+    shipment = plan_shipment(uuid.uuid4(), "DE", FRIDAY)
+    assert shipment.estimated_delivery == date(2024, 6, 11)
+    assert shipment.estimated_delivery.weekday() < 5
+
+
+def test_tracking_and_shipment_ids_are_deterministic() -> None:
+    """The same order plans the same shipment; another order gets other ids."""
+    order_id = uuid.uuid4()
+    first = plan_shipment(order_id, "GB", FRIDAY)
+    assert first == plan_shipment(order_id, "GB", FRIDAY)
+    other = plan_shipment(uuid.uuid4(), "GB", FRIDAY)
+    assert other.tracking_number != first.tracking_number
+    assert other.shipment_id != first.shipment_id
+    assert first.shipment_id == shipment_id(order_id)
+    assert first.tracking_number == tracking_number(order_id, carrier_for("GB"))
+
+
+def test_tracking_number_names_the_carrier() -> None:
+    """The tracking number starts with the carrier's prefix and fits the event's limit."""
+    number = tracking_number(uuid.uuid4(), carrier_for("US"))
+    assert number.startswith("1Z-")
+    assert len(number) <= 64
+
+
+# --- handler with a fake store ---------------------------------------------------------------
+
+
+def test_handler_table_maps_order_placed_to_schedule_shipment() -> None:
+    """Logistics consumes OrderPlaced, and only that."""
+    assert {OrderPlaced: schedule_shipment} == HANDLERS
+
+
+async def test_schedule_shipment_stores_and_announces_the_shipment() -> None:
+    """The shipment is stored and ShipmentScheduled carries it, in the order's flow."""
+    store = FakeShipmentStore()
+    placed = order("FR")
+    [event] = await schedule_shipment(placed, store)
+    assert isinstance(event, ShipmentScheduled)
+    stored = store.shipments[placed.order_id]
+    assert (event.order_id, event.shipment_id, event.carrier, event.tracking_number,
+            event.estimated_delivery) == (
+        placed.order_id, stored.shipment_id, "Colissimo", stored.tracking_number,
+        date(2024, 6, 12))
+    assert event.correlation_id == placed.correlation_id
+    assert event.causation_id == placed.event_id
+    assert event.producer == "logistics"
+
+
+async def test_a_replay_schedules_the_same_shipment() -> None:
+    """Handling the same OrderPlaced again (days later) gives the same ids and date."""
+    placed = order("US")
+    [first] = await schedule_shipment(placed, FakeShipmentStore())
+    [again] = await schedule_shipment(placed, FakeShipmentStore())
+    assert isinstance(first, ShipmentScheduled)
+    assert isinstance(again, ShipmentScheduled)
+    assert (first.shipment_id, first.tracking_number, first.estimated_delivery) == (
+        again.shipment_id, again.tracking_number, again.estimated_delivery)
+
+
+async def test_the_delivery_date_uses_the_utc_day_of_the_order() -> None:
+    """Saturday 01:00 at UTC+2 is Friday in UTC: delivery counts from Friday."""
+    placed = order("DE", datetime(2024, 6, 8, 1, 0, tzinfo=timezone(timedelta(hours=2))))
+    [event] = await schedule_shipment(placed, FakeShipmentStore())
+    assert isinstance(event, ShipmentScheduled)
+    assert event.estimated_delivery == date(2024, 6, 11)
+
+
+# --- the store on a real SQLite file --------------------------------------------------------
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    eng = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'logistics.db'}")
+    await create_tables(eng, metadata)
+    yield eng
+    await eng.dispose()
+
+
+async def test_store_adds_gets_and_lists_shipments(engine: AsyncEngine) -> None:
+    """A stored shipment reads back equal, by order and in the list."""
+    first = plan_shipment(uuid.uuid4(), "DE", FRIDAY)
+    second = plan_shipment(uuid.uuid4(), "CA", FRIDAY)
+    async with engine.begin() as conn:
+        await ShipmentStore(conn).add(first)
+        await ShipmentStore(conn).add(second)
+    async with engine.connect() as conn:
+        store = ShipmentStore(conn)
+        assert await store.get(first.order_id) == first
+        assert await store.get(uuid.uuid4()) is None
+        assert {s.order_id for s in await store.list_shipments()} == {
+            first.order_id, second.order_id}
+
+
+async def test_store_keeps_one_shipment_per_order(engine: AsyncEngine) -> None:
+    """A second shipment for the same order is refused by the database."""
+    shipment = plan_shipment(uuid.uuid4(), "DE", FRIDAY)
+    async with engine.begin() as conn:
+        await ShipmentStore(conn).add(shipment)
+    with pytest.raises(sa.exc.IntegrityError):
+        async with engine.begin() as conn:
+            await ShipmentStore(conn).add(shipment)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_lists_and_shows_shipments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`shipments list --json` and `shipments show ORDER_ID` read logistics' database."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'logistics.db'}"
+    monkeypatch.setenv("LOGISTICS_DATABASE_URL", url)
+    shipment = plan_shipment(uuid.uuid4(), "GB", FRIDAY)
+
+    async def seed() -> None:
+        eng = make_engine(url)
+        await create_tables(eng, metadata)
+        async with eng.begin() as conn:
+            await ShipmentStore(conn).add(shipment)
+        await eng.dispose()
+
+    asyncio.run(seed())
+    runner = CliRunner()
+    listed = runner.invoke(app, ["shipments", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert shipment.tracking_number in listed.output
+    shown = runner.invoke(app, ["shipments", "show", str(shipment.order_id)])
+    assert shown.exit_code == 0, shown.output
+    assert "Royal Mail" in shown.output
+    missing = runner.invoke(app, ["shipments", "show", str(uuid.uuid4())])
+    assert missing.exit_code == 1
+    assert "no shipment for order" in missing.output
+    bad = runner.invoke(app, ["shipments", "show", "not-a-uuid"])
+    assert bad.exit_code == 1
+    assert "expected a UUID" in bad.output
