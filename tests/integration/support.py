@@ -19,7 +19,7 @@ T = TypeVar("T")
 StartService = Callable[..., Awaitable[Runtime[Any]]]
 
 
-async def wait_for(probe: Callable[[], Awaitable[T]], *, timeout: float = 10.0,
+async def wait_for(probe: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0,
                    interval: float = 0.05, what: str = "condition") -> T:
     """Poll `probe` until it returns something truthy, or fail after `timeout` seconds."""
     loop = asyncio.get_running_loop()

@@ -1,0 +1,32 @@
+"""Run the order service: its consumers, its outbox relay and its HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+
+from common.logging import configure_logging
+from common.runner import run_service
+from common.service import ServiceSpec
+from order_service.api import serve_api
+from order_service.handlers import AUDIT_HANDLERS, HANDLERS
+from order_service.settings import OrderSettings
+from order_service.store import OrderStore, metadata
+
+SPEC = ServiceSpec(
+    name="order",
+    handlers=HANDLERS,
+    store=OrderStore,
+    metadata=metadata,
+    audit_handlers=AUDIT_HANDLERS,
+)
+
+
+def main() -> None:
+    """Entry point of `python -m order_service` and `shop run order`."""
+    settings = OrderSettings()
+    configure_logging(settings)
+    asyncio.run(run_service(SPEC, settings, extra=serve_api))
+
+
+if __name__ == "__main__":
+    main()

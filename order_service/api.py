@@ -1,0 +1,256 @@
+"""The order service's HTTP API: place an order, read its fan-out status, check health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Annotated, Protocol
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.events import Event
+from common.settings import ServiceSettings
+from order_service.domain import (
+    NewOrder,
+    OrderState,
+    OrderStatus,
+    OrderSummary,
+    OrderView,
+    Subscriber,
+    place_order,
+)
+from order_service.settings import OrderSettings
+from order_service.store import OrderStore
+
+Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]
+
+
+class OrderRuntime(Protocol):
+    """What the API needs from the running service (`common.runner.Runtime` has it).
+
+    A protocol rather than the concrete class keeps the API testable without a broker.
+    """
+
+    @property
+    def settings(self) -> ServiceSettings: ...
+
+    @property
+    def engine(self) -> AsyncEngine: ...
+
+    async def execute(self, work: Work) -> list[Event]:
+        """One transaction: run `work`, put the events it returns in the outbox, commit."""
+        ...
+
+    def broker_ok(self) -> bool: ...
+
+    async def db_ok(self) -> bool: ...
+
+
+class OrderAccepted(BaseModel):
+    """The answer to `POST /orders`: the order is stored and its event is on its way."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order_id: uuid.UUID = Field(description="The new order's id.")
+    status_url: str = Field(description="Where to read the order's status.",
+                            examples=["/orders/5b0c7f9e-3f7a-4e34-9a57-0d8c1c6b2f10"])
+    state: OrderState = Field(description="The order's state now: accepted.")
+    order: OrderView = Field(description="The order as stored.")
+
+
+class Health(BaseModel):
+    """`GET /healthz`: ok only when both the broker and the database answer."""
+
+    status: str = Field(examples=["ok", "unavailable"])
+    broker: bool
+    database: bool
+
+
+class Problem(BaseModel):
+    """An error answer."""
+
+    detail: str
+
+
+class BodyLimit:
+    """Refuse request bodies larger than `max_bytes` with 413, before anything parses them.
+
+    Content-Length is checked first; a body sent without one (chunked) is counted as it
+    arrives, so a client cannot get round the limit by leaving the header out.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                await self._refuse(scope, receive, send, 400, "invalid Content-Length header")
+                return
+            if int(length) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._refuse(scope, receive, send, 413,
+                           f"request body too large: the limit is {self.max_bytes} bytes")
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int,
+                      detail: str) -> None:
+        response = JSONResponse({"detail": detail}, status_code=status,
+                                headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI:
+    """The API over a running service; with `runtime=None` only the docs work (503 else)."""
+    app = FastAPI(
+        title="Order service",
+        version="1.0",
+        description="Place orders and follow their fan-out: which subscribers handled each "
+                    "order's OrderPlaced, which failed and why, and the domain outcomes.",
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    def need() -> OrderRuntime:
+        if runtime is None:
+            raise HTTPException(503, "the order service is not running")
+        return runtime
+
+    @app.post("/orders", status_code=202, response_model=OrderAccepted,
+              responses={413: {"model": Problem, "description": "Body too large."}},
+              summary="Place an order")
+    async def post_order(order: NewOrder, response: Response) -> OrderAccepted:
+        """Validate and store the order; its `OrderPlaced` is published from the outbox."""
+        rt = need()
+        event = place_order(order)
+
+        async def work(conn: AsyncConnection) -> list[Event]:
+            await OrderStore(conn).add_order(event)
+            return [event]
+
+        await rt.execute(work)
+        status_url = f"/orders/{event.order_id}"
+        response.headers["Location"] = status_url
+        return OrderAccepted(order_id=event.order_id, status_url=status_url,
+                             state=OrderState.ACCEPTED, order=OrderView.of(event))
+
+    @app.get("/orders/{order_id}", response_model=OrderStatus,
+             responses={404: {"model": Problem, "description": "Unknown order."}},
+             summary="An order's status")
+    async def get_order(order_id: uuid.UUID) -> OrderStatus:
+        """The order, its state, each subscriber's answer and the domain outcomes."""
+        async with need().engine.connect() as conn:
+            status = await OrderStore(conn).status(order_id)
+        if status is None:
+            raise HTTPException(404, f"order {order_id} not found")
+        return status
+
+    @app.get("/orders", response_model=list[OrderSummary], summary="The latest orders")
+    async def list_orders(
+        limit: Annotated[int, Query(ge=1, le=1000, description="How many, newest first.")] = 50,
+    ) -> list[OrderSummary]:
+        """The latest orders, newest first, with their fan-out counts."""
+        async with need().engine.connect() as conn:
+            return await OrderStore(conn).list_orders(limit)
+
+    @app.get("/subscribers", response_model=list[Subscriber], summary="The subscriber registry")
+    async def list_subscribers() -> list[Subscriber]:
+        """Every subscriber that announced itself, and what it consumes."""
+        async with need().engine.connect() as conn:
+            return await OrderStore(conn).list_subscribers()
+
+    @app.get("/healthz", response_model=Health,
+             responses={503: {"model": Health, "description": "Broker or database down."}},
+             summary="Health")
+    async def healthz() -> JSONResponse:
+        """Checks the broker connection and the database."""
+        broker = database = False
+        if runtime is not None:
+            broker = runtime.broker_ok()
+            try:
+                database = await runtime.db_ok()
+            except Exception:
+                database = False
+        health = Health(status="ok" if broker and database else "unavailable",
+                        broker=broker, database=database)
+        return JSONResponse(health.model_dump(), status_code=200 if health.status == "ok"
+                            else 503)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the kit's runner owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(server: uvicorn.Server, where: str) -> None:
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        # uvicorn calls sys.exit() when it cannot bind; inside a task that would escape
+        # the event loop, so turn it into an ordinary error the runner reports.
+        raise RuntimeError(f"the HTTP API could not start on {where} "
+                           "(is the port already in use?)") from exc
+
+
+async def serve_api(runtime: OrderRuntime) -> None:
+    """Serve the API inside the running loop until cancelled, then shut down gracefully."""
+    settings = runtime.settings
+    if not isinstance(settings, OrderSettings):
+        raise TypeError(f"serve_api needs OrderSettings, got {type(settings).__name__}")
+    app = create_app(runtime, settings)
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
+                            log_config=None, lifespan="off", timeout_graceful_shutdown=5)
+    server = _Server(config)
+    serving = asyncio.create_task(_serve(server, f"{settings.http_host}:{settings.http_port}"))
+    try:
+        # Shielded so a cancellation lets uvicorn finish open requests and close its socket.
+        await asyncio.shield(serving)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        await serving
+        raise

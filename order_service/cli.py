@@ -1,0 +1,328 @@
+"""`shop order ...`: place orders and follow them, as a client of the order service's API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from order_service.domain import NewOrder, OutcomeKind, outcome_detail
+
+app = typer.Typer(
+    help="Place orders and see which subscribers handled them (talks to the order API).",
+    no_args_is_help=True,
+)
+
+DEFAULT_API = "http://127.0.0.1:8000"
+#: Seconds between two polls of `status --wait`.
+POLL_INTERVAL = 0.5
+
+Api = Annotated[str, typer.Option("--api", envvar="SHOP_API_URL", show_envvar=True,
+                                  help="The order service's base URL.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+# Exit codes: 2 for input refused before anything was sent (as for a usage error), 1 for
+# anything that went wrong talking to the service or an order not finished in time.
+BAD_INPUT = 2
+FAILED = 1
+
+
+def make_client(base_url: str) -> httpx.Client:
+    """The HTTP client every command uses (tests swap it for one with a fake transport)."""
+    return httpx.Client(base_url=base_url, timeout=10.0)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _fail(message: str, code: int = FAILED) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+# --- input ------------------------------------------------------------------------------
+
+def parse_item(raw: str) -> dict[str, Any]:
+    """One `--item SKU:QTY:PRICE:SELLER` as an order line, or ValueError saying what is wrong."""
+    parts = raw.split(":")
+    if len(parts) != 4:
+        raise ValueError(f"--item {raw!r} is malformed: expected SKU:QTY:PRICE:SELLER, "
+                         "for example SKU-BOOK-1:2:19.99:seller-books")
+    sku, qty, price, seller = (p.strip() for p in parts)
+    if not sku:
+        raise ValueError(f"--item {raw!r}: the SKU is empty")
+    if not seller:
+        raise ValueError(f"--item {raw!r}: the seller is empty")
+    try:
+        quantity = int(qty)
+    except ValueError:
+        raise ValueError(f"--item {raw!r}: quantity {qty!r} is not a whole number") from None
+    if quantity < 1:
+        raise ValueError(f"--item {raw!r}: quantity must be at least 1, got {quantity}")
+    try:
+        unit_price = Decimal(price)
+    except InvalidOperation:
+        raise ValueError(f"--item {raw!r}: price {price!r} is not a number") from None
+    if not unit_price.is_finite() or unit_price < 0:
+        raise ValueError(f"--item {raw!r}: price must be a number, zero or more, got {price}")
+    try:
+        exact = unit_price == unit_price.quantize(Decimal("0.01"))
+    except InvalidOperation:  # too many digits to be a price at all
+        raise ValueError(f"--item {raw!r}: price {price} is too large") from None
+    if not exact:
+        raise ValueError(f"--item {raw!r}: price {price} has more than 2 decimal places")
+    return {"sku": sku, "quantity": quantity, "unit_price": str(unit_price), "seller_id": seller}
+
+
+def _validation_lines(errors: list[dict[str, Any]]) -> list[str]:
+    """Pydantic/FastAPI errors as `field.path: message` lines (the `body.` prefix dropped)."""
+    lines = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        msg = str(error.get("msg", "invalid"))
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"  {'.'.join(loc) or '(order)'}: {msg}")
+    return lines
+
+
+def _read_file(file: str) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot read {file}: {exc.strerror or exc}", BAD_INPUT)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        source = "standard input" if file == "-" else file
+        _fail(f"{source} is not valid JSON: {exc}", BAD_INPUT)
+    if not isinstance(data, dict):
+        _fail("the order file must hold one JSON object", BAD_INPUT)
+    return data
+
+
+# --- talking to the API -----------------------------------------------------------------
+
+def _request(api: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    try:
+        with make_client(api) as client:
+            return client.request(method, path, **kwargs)
+    except httpx.ConnectError:
+        _fail(f"cannot reach the order API at {api}: is the order service running? (shop up)")
+    except httpx.TimeoutException:
+        _fail(f"the order API at {api} did not answer in time")
+    except httpx.HTTPError as exc:
+        _fail(f"talking to the order API at {api} failed: {exc}")
+
+
+def _check(response: httpx.Response) -> Any:
+    """The JSON body of a successful answer; otherwise a readable error and exit."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.is_success:
+        return body
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if response.status_code == 422 and isinstance(detail, list):
+        _fail("the order service refused the request:\n"
+              + "\n".join(_validation_lines(detail)), BAD_INPUT)
+    message = detail if isinstance(detail, str) else response.text.strip() or "no details"
+    _fail(f"the order service answered {response.status_code}: {message}")
+
+
+def _when(iso: str | None) -> str:
+    """An ISO timestamp from the API, shorter for a table (UTC, to the second)."""
+    if not iso:
+        return ""
+    return iso.replace("T", " ")[:19] + " UTC"
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+# --- commands ---------------------------------------------------------------------------
+
+@app.command()
+def place(
+    customer: Annotated[str | None, typer.Option(help="Customer id.")] = None,
+    item: Annotated[list[str] | None, typer.Option(
+        help="A line as SKU:QTY:PRICE:SELLER; repeat for more lines.")] = None,
+    name: Annotated[str | None, typer.Option(help="Recipient's name.")] = None,
+    street: Annotated[str | None, typer.Option(help="Street and number.")] = None,
+    city: Annotated[str | None, typer.Option(help="City.")] = None,
+    postal_code: Annotated[str | None, typer.Option(help="Postal code.")] = None,
+    country: Annotated[str | None, typer.Option(help="ISO country code, e.g. DE.")] = None,
+    currency: Annotated[str, typer.Option(help="ISO 4217 currency code.")] = "EUR",
+    file: Annotated[str | None, typer.Option(
+        "--file", help="The whole order as JSON from this file ('-' for standard input), "
+                       "instead of the options above.")] = None,
+    api: Api = DEFAULT_API,
+    as_json: AsJson = False,
+) -> None:
+    """Place an order; prints its id (the order is checked here before it is sent)."""
+    options = {"--customer": customer, "--name": name, "--street": street, "--city": city,
+               "--postal-code": postal_code, "--country": country}
+    if file is not None:
+        given = [flag for flag, value in options.items() if value is not None]
+        if item:
+            given.append("--item")
+        if given:
+            _fail(f"--file holds the whole order; drop {', '.join(given)}", BAD_INPUT)
+        order: dict[str, Any] = _read_file(file)
+    else:
+        missing = [flag for flag, value in options.items() if value is None]
+        if not item:
+            missing.insert(1, "--item")
+        if missing:
+            _fail(f"missing {', '.join(missing)} (or give the whole order with --file)",
+                  BAD_INPUT)
+        try:
+            lines = [parse_item(raw) for raw in item or []]
+        except ValueError as exc:
+            _fail(str(exc), BAD_INPUT)
+        order = {"customer_id": customer, "lines": lines, "currency": currency,
+                 "shipping_address": {"name": name, "street": street, "city": city,
+                                      "postal_code": postal_code, "country": country}}
+    try:
+        # The API checks it again; checking here first means nothing is sent when it is bad.
+        NewOrder.model_validate(order)
+    except ValidationError as exc:
+        _fail("the order is not valid:\n"
+              + "\n".join(_validation_lines([dict(e) for e in exc.errors()])), BAD_INPUT)
+    accepted = _check(_request(api, "POST", "/orders", json=order))
+    if as_json:
+        _print_json(accepted)
+    else:
+        typer.echo(accepted["order_id"])
+
+
+def _status_view(status: dict[str, Any]) -> None:
+    console = Console()
+    order = status["order"]
+    console.print(Text.assemble(
+        ("order ", "bold"), order["order_id"], "  ", ("state ", "bold"),
+        (status["state"], "cyan")))
+    console.print(Text.assemble(
+        ("customer ", "bold"), order["customer_id"], "  ",
+        ("total ", "bold"), f"{order['total']} {order['currency']}", "  ",
+        ("placed ", "bold"), _when(order["placed_at"])))
+    table = Table(title="Subscribers of OrderPlaced", title_justify="left")
+    for column in ("subscriber", "outcome", "error", "duration", "at"):
+        table.add_column(column)
+    colour = {"handled": "green", "failed": "red", "pending": "yellow"}
+    for sub in status["subscribers"]:
+        name = sub["name"] if sub["expected"] else f"{sub['name']} (joined later)"
+        duration = sub.get("duration_ms")
+        table.add_row(name, Text(sub["status"], style=colour.get(sub["status"], "")),
+                      sub.get("error") or "",
+                      "" if duration is None else f"{duration:.1f} ms",
+                      _when(sub.get("at")))
+    if not status["subscribers"]:
+        console.print("[yellow]no subscriber of OrderPlaced was registered when this order "
+                      "was placed[/yellow]")
+    else:
+        console.print(table)
+    if status["outcomes"]:
+        outcomes = Table(title="Outcomes", title_justify="left")
+        outcomes.add_column("kind")
+        outcomes.add_column("detail")
+        outcomes.add_column("at")
+        for outcome in status["outcomes"]:
+            kind: OutcomeKind = outcome["kind"]
+            outcomes.add_row(kind, outcome_detail(kind, outcome["detail"]),
+                             _when(outcome["at"]))
+        console.print(outcomes)
+
+
+@app.command()
+def status(
+    order_id: Annotated[str, typer.Argument(help="The order's id.")],
+    wait: Annotated[float | None, typer.Option(
+        "--wait", min=0, metavar="SECONDS",
+        help="Wait up to this long for every expected subscriber to answer; "
+             "exit 1 if some are still pending then.")] = None,
+    api: Api = DEFAULT_API,
+    as_json: AsJson = False,
+) -> None:
+    """An order's state, each subscriber's answer to its OrderPlaced, and the outcomes."""
+    try:
+        uuid.UUID(order_id)
+    except ValueError:
+        _fail(f"{order_id!r} is not an order id (a UUID)", BAD_INPUT)
+    deadline = None if wait is None else time.monotonic() + wait
+    while True:
+        current = _check(_request(api, "GET", f"/orders/{order_id}"))
+        if deadline is None or current["complete"]:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        _sleep(min(POLL_INTERVAL, left))
+    if as_json:
+        _print_json(current)
+    else:
+        _status_view(current)
+    if deadline is not None and not current["complete"]:
+        pending = [s["name"] for s in current["subscribers"] if s["status"] == "pending"]
+        _fail(f"still waiting after {wait:g}s for: {', '.join(pending)}")
+
+
+@app.command("list")
+def list_orders(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 50,
+    api: Api = DEFAULT_API,
+    as_json: AsJson = False,
+) -> None:
+    """The latest orders, newest first, with how many subscribers handled each."""
+    orders = _check(_request(api, "GET", "/orders", params={"limit": limit}))
+    if as_json:
+        _print_json(orders)
+        return
+    table = Table()
+    table.add_column("order", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    # No customer column: with a full order id it would not fit 80 columns (`--json` has it).
+    table.add_column("total", justify="right", no_wrap=True)
+    table.add_column("handled", no_wrap=True)
+    for o in orders:
+        answered = o["handled"] + o["failed"]
+        handled = f"{o['handled']}/{answered + o['pending']}"
+        if o["failed"]:
+            handled += f" ({o['failed']} failed)"
+        table.add_row(o["order_id"], o["state"], f"{o['total']} {o['currency']}", handled)
+    Console().print(table)
+
+
+@app.command()
+def subscribers(api: Api = DEFAULT_API, as_json: AsJson = False) -> None:
+    """The subscriber registry: every service that announced itself, and what it consumes."""
+    entries = _check(_request(api, "GET", "/subscribers"))
+    if as_json:
+        _print_json(entries)
+        return
+    table = Table()
+    table.add_column("subscriber")
+    table.add_column("consumes")
+    table.add_column("instance")
+    table.add_column("first seen")
+    table.add_column("last seen")
+    for s in entries:
+        # Queue names are long and follow from the names (`--json` has them): events only.
+        table.add_row(s["name"], "\n".join(sorted(s["consumes"])), s["instance"],
+                      _when(s["first_seen"]), _when(s["last_seen"]))
+    Console().print(table)

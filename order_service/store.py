@@ -1,0 +1,353 @@
+"""The order service's own tables: orders, the subscriber registry, receipts, outcomes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from common.events import DeliveryReceipt, OrderPlaced, SubscriberAnnounced
+from order_service.domain import (
+    FanOut,
+    OrderState,
+    OrderStatus,
+    OrderSummary,
+    OrderView,
+    Outcome,
+    Receipt,
+    ReceiptOutcome,
+    Subscriber,
+    advance,
+    fan_out,
+)
+
+metadata = sa.MetaData()
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """An aware UTC datetime on every database (SQLite would hand back naive values)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: store aware UTC datetimes only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+orders = sa.Table(
+    "orders", metadata,
+    sa.Column("order_id", sa.String(36), primary_key=True),
+    sa.Column("customer_id", sa.String(64), nullable=False, index=True),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("total", sa.Numeric(14, 2), nullable=False),
+    sa.Column("placed_at", UTCDateTime(), nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    # The whole OrderPlaced as published: the order's lines and address are read from it.
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("event_id", sa.String(36), nullable=False, unique=True),
+)
+
+#: The registry: who consumes what, built from the subscribers' announcements.
+subscribers = sa.Table(
+    "subscribers", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("consumes", sa.Text, nullable=False),
+    sa.Column("instance", sa.String(200), nullable=False),
+    sa.Column("first_seen", UTCDateTime(), nullable=False),
+    sa.Column("last_seen", UTCDateTime(), nullable=False),
+)
+
+#: Who was expected to handle an order's OrderPlaced, frozen when it was placed, so a
+#: subscriber added later does not make old orders look incomplete.
+order_expectations = sa.Table(
+    "order_expectations", metadata,
+    sa.Column("order_id", sa.String(36), primary_key=True),
+    sa.Column("subscriber", sa.String(64), primary_key=True),
+)
+
+#: Delivery receipts: what each subscriber did with each delivery.
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # The receipt's own event_id: the audit queue is not deduped by the kit, so a
+    # redelivered receipt is recognised here.
+    sa.Column("receipt_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("order_id", sa.String(36), nullable=True, index=True),
+    sa.Column("correlation_id", sa.String(128), nullable=True),
+    sa.Column("event_id", sa.String(64), nullable=True, index=True),
+    sa.Column("event_type", sa.String(64), nullable=True),
+    sa.Column("subscriber", sa.String(64), nullable=False),
+    sa.Column("queue", sa.String(255), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.UniqueConstraint("event_id", "subscriber", "outcome",
+                        name="uq_deliveries_event_subscriber_outcome"),
+)
+
+#: Domain outcomes the other services reported (stock, shipment, sellers).
+outcomes = sa.Table(
+    "outcomes", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("order_id", sa.String(36), nullable=False, index=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("event_id", sa.String(36), nullable=False),
+)
+
+
+def _upsert(conn: AsyncConnection, table: sa.Table, values: Mapping[str, Any],
+            keys: Sequence[str], update: Mapping[str, Any]) -> sa.Executable | None:
+    """An INSERT ... ON CONFLICT DO UPDATE for the dialects that have it, else None."""
+    name = conn.dialect.name
+    if name == "sqlite":
+        stmt = sqlite.insert(table).values(**values)
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_=dict(update))
+    if name == "postgresql":
+        pg = postgresql.insert(table).values(**values)
+        return pg.on_conflict_do_update(index_elements=list(keys), set_=dict(update))
+    return None
+
+
+class OrderStore:
+    """The order service's data, on one connection (the caller owns the transaction)."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    # --- orders ---------------------------------------------------------------------
+
+    async def add_order(self, event: OrderPlaced) -> list[str]:
+        """Store a new order (accepted) with the subscribers expected to handle it.
+
+        Returns the expected subscribers' names.
+        """
+        placed_at = event.occurred_at.astimezone(UTC)
+        await self.conn.execute(orders.insert().values(
+            order_id=str(event.order_id),
+            customer_id=event.customer_id,
+            currency=event.currency,
+            total=event.total,
+            placed_at=placed_at,
+            state=OrderState.ACCEPTED.value,
+            body=event.model_dump_json(),
+            event_id=str(event.event_id),
+        ))
+        expected = await self.subscribers_of("OrderPlaced", seen_by=placed_at)
+        if expected:
+            await self.conn.execute(order_expectations.insert(), [
+                {"order_id": str(event.order_id), "subscriber": name} for name in expected
+            ])
+        return expected
+
+    async def get_order(self, order_id: uuid.UUID) -> tuple[OrderPlaced, OrderState] | None:
+        """The order's OrderPlaced and its state, or None when unknown."""
+        row = (await self.conn.execute(
+            sa.select(orders.c.body, orders.c.state)
+            .where(orders.c.order_id == str(order_id)))).first()
+        if row is None:
+            return None
+        return OrderPlaced.model_validate_json(row.body), OrderState(row.state)
+
+    async def advance_state(self, order_id: uuid.UUID | str, seen: OrderState) -> None:
+        """Move the order forward to `seen` if that is progress (unknown orders: no-op)."""
+        row = (await self.conn.execute(
+            sa.select(orders.c.state).where(orders.c.order_id == str(order_id)))).first()
+        if row is None:
+            return
+        current = OrderState(row.state)
+        new = advance(current, seen)
+        if new != current:
+            await self.conn.execute(orders.update()
+                                    .where(orders.c.order_id == str(order_id))
+                                    .values(state=new.value))
+
+    async def record_outcome(self, order_id: uuid.UUID, kind: str, detail: Mapping[str, Any],
+                             at: datetime, event_id: uuid.UUID) -> None:
+        """Keep a domain outcome another service reported."""
+        await self.conn.execute(outcomes.insert().values(
+            order_id=str(order_id), kind=kind, detail=json.dumps(detail, default=str),
+            at=at, event_id=str(event_id)))
+
+    # --- registry -------------------------------------------------------------------
+
+    async def upsert_subscriber(self, event: SubscriberAnnounced) -> None:
+        """Register or refresh a subscriber; `first_seen` never moves once set."""
+        values = {"name": event.subscriber, "consumes": json.dumps(event.consumes, sort_keys=True),
+                  "instance": event.instance, "first_seen": event.occurred_at,
+                  "last_seen": event.occurred_at}
+        update = {"consumes": values["consumes"], "instance": event.instance,
+                  "last_seen": event.occurred_at}
+        stmt = _upsert(self.conn, subscribers, values, ["name"], update)
+        if stmt is not None:
+            await self.conn.execute(stmt)
+            return
+        found = (await self.conn.execute(sa.select(subscribers.c.name).where(
+            subscribers.c.name == event.subscriber))).first()
+        if found is None:
+            await self.conn.execute(subscribers.insert().values(**values))
+        else:
+            await self.conn.execute(subscribers.update()
+                                    .where(subscribers.c.name == event.subscriber)
+                                    .values(**update))
+
+    async def list_subscribers(self) -> list[Subscriber]:
+        """The registry, by name."""
+        rows = (await self.conn.execute(
+            sa.select(subscribers).order_by(subscribers.c.name))).all()
+        return [Subscriber(name=r.name, consumes=json.loads(r.consumes), instance=r.instance,
+                           first_seen=r.first_seen, last_seen=r.last_seen) for r in rows]
+
+    async def subscribers_of(self, event_type: str, *, seen_by: datetime) -> list[str]:
+        """Names of the registered subscribers of `event_type` first seen by `seen_by`."""
+        return [s.name for s in await self.list_subscribers()
+                if event_type in s.consumes and s.first_seen <= seen_by]
+
+    # --- receipts -------------------------------------------------------------------
+
+    async def record_delivery(self, receipt: DeliveryReceipt) -> None:
+        """Keep a delivery receipt; the same (event, subscriber, outcome) is kept once."""
+        already = (await self.conn.execute(sa.select(deliveries.c.id).where(
+            deliveries.c.receipt_id == str(receipt.event_id)))).first()
+        if already is not None:
+            return
+        order_id = await self._known_order(receipt.correlation_id)
+        values = {
+            "receipt_id": str(receipt.event_id),
+            "order_id": order_id,
+            "correlation_id": receipt.correlation_id,
+            "event_id": receipt.handled_event_id,
+            "event_type": receipt.handled_event_type,
+            "subscriber": receipt.subscriber,
+            "queue": receipt.queue,
+            "outcome": receipt.outcome,
+            "error": receipt.error,
+            "received_at": receipt.received_at,
+            "duration_ms": receipt.duration_ms,
+        }
+        if receipt.handled_event_id is None:
+            # Unreadable body: no event id to group on (NULLs never conflict); keep each.
+            await self.conn.execute(deliveries.insert().values(**values))
+        else:
+            # The same event, subscriber and outcome again (a replayed delivery failing once
+            # more): one row, with the latest error and timing.
+            update = {k: values[k]
+                      for k in ("receipt_id", "error", "received_at", "duration_ms")}
+            stmt = _upsert(self.conn, deliveries, values,
+                           ["event_id", "subscriber", "outcome"], update)
+            if stmt is None:
+                stmt = await self._portable_delivery_upsert(values, update)
+            if stmt is not None:
+                await self.conn.execute(stmt)
+        if order_id is not None and receipt.handled_event_id is not None:
+            placed = (await self.conn.execute(sa.select(orders.c.order_id).where(
+                orders.c.event_id == receipt.handled_event_id))).first()
+            if placed is not None:
+                # A receipt for the order's OrderPlaced proves it was published.
+                await self.advance_state(order_id, OrderState.PLACED)
+
+    async def _portable_delivery_upsert(self, values: Mapping[str, Any],
+                                        update: Mapping[str, Any]) -> sa.Executable:
+        match = sa.and_(deliveries.c.event_id == values["event_id"],
+                        deliveries.c.subscriber == values["subscriber"],
+                        deliveries.c.outcome == values["outcome"])
+        found = (await self.conn.execute(sa.select(deliveries.c.id).where(match))).first()
+        if found is None:
+            return deliveries.insert().values(**values)
+        return deliveries.update().where(match).values(**update)
+
+    async def _known_order(self, correlation_id: str | None) -> str | None:
+        """The order id a correlation id names, when it is one of ours."""
+        if correlation_id is None:
+            return None
+        try:
+            order_id = str(uuid.UUID(correlation_id))
+        except ValueError:
+            return None
+        row = (await self.conn.execute(
+            sa.select(orders.c.order_id).where(orders.c.order_id == order_id))).first()
+        return None if row is None else order_id
+
+    # --- reads ----------------------------------------------------------------------
+
+    async def status(self, order_id: uuid.UUID) -> OrderStatus | None:
+        """The order, its state, who handled its OrderPlaced, and the outcomes so far."""
+        found = await self.get_order(order_id)
+        if found is None:
+            return None
+        event, state = found
+        fan = (await self._fan_outs({str(order_id): str(event.event_id)}))[str(order_id)]
+        rows = (await self.conn.execute(
+            sa.select(outcomes).where(outcomes.c.order_id == str(order_id))
+            .order_by(outcomes.c.at, outcomes.c.id))).all()
+        return OrderStatus(
+            order=OrderView.of(event),
+            state=state,
+            complete=fan.complete,
+            subscribers=fan.subscribers,
+            outcomes=tuple(Outcome(kind=r.kind, at=r.at, detail=json.loads(r.detail))
+                           for r in rows),
+        )
+
+    async def list_orders(self, limit: int = 50) -> list[OrderSummary]:
+        """The latest orders first, each with its fan-out counts."""
+        rows = (await self.conn.execute(
+            sa.select(orders.c.order_id, orders.c.customer_id, orders.c.currency,
+                      orders.c.total, orders.c.placed_at, orders.c.state, orders.c.event_id)
+            .order_by(orders.c.placed_at.desc(), orders.c.order_id)
+            .limit(limit))).all()
+        fans = await self._fan_outs({r.order_id: r.event_id for r in rows})
+        return [OrderSummary(
+            order_id=uuid.UUID(r.order_id), customer_id=r.customer_id, currency=r.currency,
+            total=r.total, placed_at=r.placed_at, state=OrderState(r.state),
+            handled=fans[r.order_id].count("handled"), failed=fans[r.order_id].count("failed"),
+            pending=fans[r.order_id].count("pending"),
+        ) for r in rows]
+
+    async def _fan_outs(self, event_ids: Mapping[str, str]) -> dict[str, FanOut]:
+        """Fan-out of each order (order id -> its OrderPlaced event id), in two queries."""
+        if not event_ids:
+            return {}
+        expected: dict[str, list[str]] = {order_id: [] for order_id in event_ids}
+        for row in (await self.conn.execute(sa.select(order_expectations).where(
+                order_expectations.c.order_id.in_(list(event_ids))))).all():
+            expected[row.order_id].append(row.subscriber)
+        # Also every subscriber that had started (its announcement's own time) before the
+        # order was placed, even if the tracker read that announcement only afterwards:
+        # services starting together must not make the first orders expect nobody.
+        placed = {r.order_id: r.placed_at for r in (await self.conn.execute(
+            sa.select(orders.c.order_id, orders.c.placed_at)
+            .where(orders.c.order_id.in_(list(event_ids))))).all()}
+        registry = [s for s in await self.list_subscribers() if "OrderPlaced" in s.consumes]
+        for order_id, placed_at in placed.items():
+            expected[order_id].extend(s.name for s in registry
+                                      if s.first_seen <= placed_at
+                                      and s.name not in expected[order_id])
+        order_of = {event_id: order_id for order_id, event_id in event_ids.items()}
+        receipts: dict[str, list[Receipt]] = {order_id: [] for order_id in event_ids}
+        for row in (await self.conn.execute(sa.select(deliveries).where(
+                deliveries.c.event_id.in_(list(order_of))))).all():
+            outcome: ReceiptOutcome = row.outcome
+            receipts[order_of[row.event_id]].append(Receipt(
+                subscriber=row.subscriber, outcome=outcome, at=row.received_at,
+                error=row.error, duration_ms=row.duration_ms))
+        return {order_id: fan_out(expected[order_id], receipts[order_id])
+                for order_id in event_ids}

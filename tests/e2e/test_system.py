@@ -1,0 +1,224 @@
+"""The whole system as a user runs it: `shop up`, orders from the CLI and over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ADDRESS = ["--name", "Ada Lovelace", "--street", "12 Analytical Row", "--city", "Berlin",
+           "--postal-code", "10115", "--country", "DE"]
+SUBSCRIBERS = {"inventory", "logistics", "seller"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class System:
+    """`shop up` in a subprocess, with its own prefix, data folder and HTTP port."""
+
+    def __init__(self, env: dict[str, str], proc: subprocess.Popen[str], log: Path) -> None:
+        self.env = env
+        self.proc = proc
+        self.log = log
+        self.api = env["SHOP_API_URL"]
+
+    def shop(self, *args: str, stdin: str | None = None, timeout: float = 60
+             ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "common.cli", *args], env=self.env,
+                              input=stdin, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+
+def poll(probe: Any, *, timeout: float, what: str) -> Any:
+    """Call `probe` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.1)  # polling interval under a deadline, not a fixed wait
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory, amqp_url: str) -> Iterator[System]:
+    tmp = tmp_path_factory.mktemp("system")
+    port = free_port()
+    prefix = f"e2e{os.getpid()}{port}."
+    env = {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "SHOP_NAME_PREFIX": prefix,
+        "SHOP_DATA_DIR": str(tmp / "data"),
+        "ORDER_HTTP_PORT": str(port),
+        "SHOP_API_URL": f"http://127.0.0.1:{port}",
+        "LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp / "shop-up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    system = System(env, proc, log)
+
+    def registry() -> bool:
+        assert proc.poll() is None, f"shop up exited early:\n{system.logs()}"
+        try:
+            response = httpx.get(f"{system.api}/subscribers", timeout=2)
+        except httpx.HTTPError:
+            return False
+        names = {s["name"] for s in response.json()} if response.status_code == 200 else set()
+        return names >= SUBSCRIBERS
+
+    try:
+        poll(registry, timeout=60, what="the three subscribers to announce themselves")
+        yield system
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        _cleanup_broker(env)
+
+
+def _cleanup_broker(env: dict[str, str]) -> None:
+    """Delete the queues and exchanges this run declared (they all carry its prefix)."""
+    prefix = env["SHOP_NAME_PREFIX"]
+    try:
+        response = httpx.get("http://127.0.0.1:15672/api/queues", auth=("guest", "guest"),
+                             timeout=5)
+        exchanges = httpx.get("http://127.0.0.1:15672/api/exchanges", auth=("guest", "guest"),
+                              timeout=5)
+    except httpx.HTTPError:
+        return  # no management API: the prefixed names stay, harmless to other runs
+    for kind, listing in (("queues", response), ("exchanges", exchanges)):
+        for item in listing.json():
+            if item["name"].startswith(prefix):
+                httpx.delete(f"http://127.0.0.1:15672/api/{kind}/%2F/{item['name']}",
+                             auth=("guest", "guest"), timeout=5)
+
+
+def place_with_cli(system: System, *items: str) -> str:
+    args = ["order", "place", "--customer", "cust-e2e"]
+    for item in items:
+        args += ["--item", item]
+    result = system.shop(*args, *ADDRESS)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_an_order_from_the_cli_is_handled_by_every_subscriber(system: System) -> None:
+    """`shop order place` then `shop order status --wait`: all three subscribers handled it."""
+    order_id = place_with_cli(system, "SKU-BOOK-1:2:12.50:seller-books",
+                              "SKU-MUG-1:1:8.00:seller-home")
+    result = system.shop("order", "status", order_id, "--wait", "30", "--json")
+    assert result.returncode == 0, result.stderr + result.stdout + system.logs()
+    status = json.loads(result.stdout)
+    outcomes = {s["name"]: s["status"] for s in status["subscribers"]}
+    assert {name: outcomes.get(name) for name in SUBSCRIBERS} == dict.fromkeys(SUBSCRIBERS,
+                                                                               "handled")
+    assert status["state"] == "confirmed"
+
+    inbox = system.shop("seller", "inbox", "seller-home", "--json")
+    assert inbox.returncode == 0, inbox.stderr
+    assert order_id in inbox.stdout
+
+
+def test_an_order_over_http_is_handled_and_listed(system: System) -> None:
+    """POST /orders answers 202 with a status URL that ends with every subscriber handled."""
+    body = {
+        "customer_id": "cust-http",
+        "currency": "EUR",
+        "lines": [{"sku": "SKU-BOOK-1", "quantity": 1, "unit_price": "12.50",
+                   "seller_id": "seller-books"}],
+        "total": "12.50",
+        "shipping_address": {"name": "Grace Hopper", "street": "1 Compiler Way",
+                             "city": "Paris", "postal_code": "75001", "country": "FR"},
+    }
+    response = httpx.post(f"{system.api}/orders", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    order_id = response.json()["order_id"]
+    status_url = system.api + response.json()["status_url"]
+
+    def complete() -> dict[str, Any] | None:
+        status: dict[str, Any] = httpx.get(status_url, timeout=5).json()
+        done = {s["name"] for s in status["subscribers"] if s["status"] == "handled"}
+        return status if done >= SUBSCRIBERS else None
+
+    status = poll(complete, timeout=30, what="every subscriber to handle the HTTP order")
+    assert status["state"] == "confirmed"
+    listed = httpx.get(f"{system.api}/orders", timeout=5).json()
+    assert order_id in json.dumps(listed)
+
+
+def test_an_order_for_more_stock_than_exists_fails_reservation(system: System) -> None:
+    """Ordering more than the stock holds ends in StockReservationFailed, reserving nothing."""
+    set_stock = system.shop("inventory", "stock", "set", "SKU-E2E-RARE", "1")
+    assert set_stock.returncode == 0, set_stock.stderr
+    order_id = place_with_cli(system, "SKU-E2E-RARE:5:3.00:seller-rare",
+                              "SKU-BOOK-1:1:12.50:seller-books")
+    result = system.shop("order", "status", order_id, "--wait", "30", "--json")
+    assert result.returncode == 0, result.stderr + result.stdout
+    status = json.loads(result.stdout)
+    assert status["state"] == "rejected"
+    assert "SKU-E2E-RARE" in json.dumps(status["outcomes"])
+    stock = system.shop("inventory", "stock", "list", "--json")
+    rare = [row for row in json.loads(stock.stdout) if row["sku"] == "SKU-E2E-RARE"]
+    assert rare
+    assert rare[0]["available"] == 1
+
+
+def test_queues_show_no_backlog_afterwards(system: System) -> None:
+    """After the orders above, `shop queues` shows every queue drained and consumed."""
+    order_id = place_with_cli(system, "SKU-MUG-1:1:8.00:seller-home")
+    assert system.shop("order", "status", order_id, "--wait", "30").returncode == 0
+
+    def drained() -> list[dict[str, Any]] | None:
+        result = system.shop("queues", "--json")
+        assert result.returncode == 0, result.stderr
+        rows: list[dict[str, Any]] = json.loads(result.stdout)["queues"]
+        mine = [r for r in rows if r["queue"].startswith(system.env["SHOP_NAME_PREFIX"])]
+        busy = [r for r in mine if r["ready"] or r["unacked"] or not r["consumers"]]
+        return mine if mine and not busy else None
+
+    rows = poll(drained, timeout=30, what="every queue to drain")
+    names = {r["queue"] for r in rows}
+    prefix = system.env["SHOP_NAME_PREFIX"]
+    assert {f"{prefix}inventory.order.placed", f"{prefix}logistics.order.placed",
+            f"{prefix}seller.order.placed"} <= names
+    assert all(r["dead_letters"] == 0 for r in rows)
+
+
+def test_bad_cli_input_is_refused_and_nothing_is_placed(system: System) -> None:
+    """A malformed --item or an unknown service is refused with a message; no order appears."""
+    before = httpx.get(f"{system.api}/orders", timeout=5).json()
+    for item in ("SKU-1:2:1.00", "SKU-1:0:1.00:s", "SKU-1:-1:1.00:s", "SKU-1:x:1.00:s"):
+        result = system.shop("order", "place", "--customer", "c", "--item", item, *ADDRESS)
+        assert result.returncode != 0
+        assert "item" in (result.stderr + result.stdout).lower()
+    unknown = system.shop("run", "payments")
+    assert unknown.returncode != 0
+    assert "payments" in unknown.stderr
+    assert httpx.get(f"{system.api}/orders", timeout=5).json() == before

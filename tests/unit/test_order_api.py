@@ -1,0 +1,291 @@
+"""The order HTTP API over a fake runtime (real SQLite file, no broker): input, status, health."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from common.db import create_tables, make_engine
+from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
+from common.settings import ServiceSettings
+from order_service.api import OrderRuntime, Work, create_app
+from order_service.handlers import AUDIT_HANDLERS
+from order_service.settings import OrderSettings
+from order_service.store import OrderStore, metadata
+
+pytestmark = pytest.mark.unit
+
+MAX_BODY = 4096
+
+
+class FakeRuntime:
+    """The runtime the API needs, without a broker: `execute` commits and collects events."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServiceSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.published: list[Event] = []
+        self.broker_up = True
+        self.database_up = True
+
+    async def execute(self, work: Work) -> list[Event]:
+        async with self.engine.begin() as conn:
+            events: Sequence[Event] = await work(conn)
+        self.published.extend(events)
+        return list(events)
+
+    def broker_ok(self) -> bool:
+        return self.broker_up
+
+    async def db_ok(self) -> bool:
+        if not self.database_up:
+            raise ConnectionError("database gone")
+        return True
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> OrderSettings:
+    return OrderSettings(max_body_bytes=MAX_BODY, data_dir=tmp_path)
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path, settings: OrderSettings) -> AsyncIterator[FakeRuntime]:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}")
+    await create_tables(engine, metadata)
+    yield FakeRuntime(engine, settings)
+    await engine.dispose()
+
+
+@pytest.fixture
+async def client(runtime: FakeRuntime, settings: OrderSettings
+                 ) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(runtime, settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as client:
+        yield client
+
+
+def order_body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "customer_id": "cust-1",
+        "lines": [{"sku": "SKU-BOOK-1", "quantity": 2, "unit_price": "19.99",
+                   "seller_id": "books"}],
+        "currency": "EUR",
+        "shipping_address": {"name": "Ada", "street": "1 Row", "city": "Berlin",
+                             "postal_code": "10115", "country": "DE"},
+    }
+    body.update(changes)
+    return body
+
+
+async def audit(runtime: FakeRuntime, event: Event) -> None:
+    async with runtime.engine.begin() as conn:
+        await AUDIT_HANDLERS[type(event)](event, OrderStore(conn))
+
+
+def test_fake_runtime_satisfies_the_protocol(runtime: FakeRuntime) -> None:
+    """The fake offers what the API asks of the real runtime."""
+    checked: OrderRuntime = runtime
+    assert checked is runtime
+
+
+async def test_a_valid_order_is_accepted_and_published_once(client: httpx.AsyncClient,
+                                                             runtime: FakeRuntime) -> None:
+    """202 with the order id and status URL; exactly one OrderPlaced goes to the outbox."""
+    response = await client.post("/orders", json=order_body())
+    assert response.status_code == 202, response.text
+    body = response.json()
+    order_id = uuid.UUID(body["order_id"])
+    assert body["status_url"] == f"/orders/{order_id}"
+    assert response.headers["location"] == body["status_url"]
+    assert body["state"] == "accepted"
+    assert body["order"]["total"] == "39.98"
+    [event] = runtime.published
+    assert isinstance(event, OrderPlaced)
+    assert event.order_id == order_id
+    assert event.correlation_id == str(order_id)
+    assert event.producer == "order"
+
+
+async def test_status_of_a_placed_order(client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """GET the status URL: the order, its state, expected subscribers and their answers."""
+    await audit(runtime, SubscriberAnnounced(subscriber="inventory", instance="h:1",
+                                             consumes={"OrderPlaced": "inventory.order.placed"}))
+    await audit(runtime, SubscriberAnnounced(subscriber="seller", instance="h:2",
+                                             consumes={"OrderPlaced": "seller.order.placed"}))
+    placed = (await client.post("/orders", json=order_body())).json()
+    [event] = runtime.published
+    await audit(runtime, DeliveryReceipt(
+        subscriber="inventory", queue="inventory.order.placed",
+        handled_event_id=str(event.event_id), handled_event_type="OrderPlaced",
+        outcome="handled", received_at=event.occurred_at, duration_ms=3.0,
+        correlation_id=event.correlation_id))
+    response = await client.get(placed["status_url"])
+    assert response.status_code == 200
+    status = response.json()
+    assert status["state"] == "placed"
+    assert status["complete"] is False
+    assert {s["name"]: s["status"] for s in status["subscribers"]} == {
+        "inventory": "handled", "seller": "pending"}
+    assert status["order"]["customer_id"] == "cust-1"
+    listed = (await client.get("/orders")).json()
+    assert [(o["order_id"], o["handled"], o["pending"]) for o in listed] == [
+        (placed["order_id"], 1, 1)]
+    registry = (await client.get("/subscribers")).json()
+    assert [s["name"] for s in registry] == ["inventory", "seller"]
+
+
+def fields_in(response: httpx.Response) -> set[str]:
+    return {".".join(map(str, e["loc"][1:])) for e in response.json()["detail"]}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (order_body(customer_id=None), "customer_id"),
+        ({k: v for k, v in order_body().items() if k != "shipping_address"}, "shipping_address"),
+        (order_body(lines="SKU-1"), "lines"),
+        (order_body(lines=[{"sku": "A", "quantity": "many", "unit_price": "1",
+                            "seller_id": "s"}]), "lines.0.quantity"),
+        (order_body(lines=[{"sku": "A", "quantity": 0, "unit_price": "1",
+                            "seller_id": "s"}]), "lines.0.quantity"),
+        (order_body(lines=[{"sku": "A", "quantity": -3, "unit_price": "1",
+                            "seller_id": "s"}]), "lines.0.quantity"),
+        (order_body(lines=[{"sku": "A", "quantity": 1, "unit_price": "-1",
+                            "seller_id": "s"}]), "lines.0.unit_price"),
+        (order_body(total="1.00"), "total"),
+        (order_body(currency="EURO"), "currency"),
+        (order_body(currency="XYZ"), "currency"),
+        (order_body(shipping_address={"name": "Ada", "street": "1 Row", "city": "Berlin",
+                                      "postal_code": "10115", "country": "Germany"}),
+         "shipping_address.country"),
+    ],
+)
+async def test_bad_input_is_refused_field_by_field_and_nothing_is_published(
+        client: httpx.AsyncClient, runtime: FakeRuntime, body: dict[str, Any],
+        field: str) -> None:
+    """422 names the field at fault with a message; nothing is stored or published."""
+    response = await client.post("/orders", json=body)
+    assert response.status_code == 422
+    assert field in fields_in(response)
+    assert all(e["msg"] for e in response.json()["detail"])
+    assert runtime.published == []
+    assert (await client.get("/orders")).json() == []
+
+
+async def test_a_total_that_does_not_add_up_says_so(client: httpx.AsyncClient,
+                                                    runtime: FakeRuntime) -> None:
+    """The 422 for a wrong total gives both amounts."""
+    response = await client.post("/orders", json=order_body(total="10.00"))
+    [error] = response.json()["detail"]
+    assert "10.00" in error["msg"]
+    assert "39.98" in error["msg"]
+    assert runtime.published == []
+
+
+async def test_a_body_that_is_not_json_is_refused(client: httpx.AsyncClient,
+                                                 runtime: FakeRuntime) -> None:
+    """Broken JSON is a 422, not a server error."""
+    response = await client.post("/orders", content=b"{not json",
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert runtime.published == []
+
+
+async def test_an_oversized_body_is_refused_by_its_content_length(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """A body over the limit gets 413 with the limit in the message; nothing is published."""
+    body = order_body(customer_id="c" * 10, padding="x" * MAX_BODY)
+    response = await client.post("/orders", json=body)
+    assert response.status_code == 413
+    assert response.json()["detail"] == (
+        f"request body too large: the limit is {MAX_BODY} bytes")
+    assert runtime.published == []
+
+
+async def test_an_oversized_body_without_content_length_is_refused(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """A chunked body is counted as it arrives: leaving Content-Length out does not help."""
+    payload = json.dumps(order_body(padding="x" * MAX_BODY)).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 1000):
+            yield payload[start:start + 1000]
+
+    response = await client.post("/orders", content=chunks(),
+                                 headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+    assert runtime.published == []
+
+
+async def test_a_chunked_body_within_the_limit_is_accepted(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """The size check replays a small chunked body intact to the endpoint."""
+    payload = json.dumps(order_body()).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 50):
+            yield payload[start:start + 50]
+
+    response = await client.post("/orders", content=chunks(),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 202, response.text
+    assert len(runtime.published) == 1
+
+
+async def test_an_unknown_order_is_404(client: httpx.AsyncClient) -> None:
+    """A well-formed id that names no order: 404 with a message."""
+    order_id = uuid.uuid4()
+    response = await client.get(f"/orders/{order_id}")
+    assert response.status_code == 404
+    assert response.json()["detail"] == f"order {order_id} not found"
+
+
+async def test_an_order_id_that_is_not_a_uuid_is_422(client: httpx.AsyncClient) -> None:
+    """A malformed id is refused as input, not looked up."""
+    assert (await client.get("/orders/not-a-uuid")).status_code == 422
+
+
+async def test_list_limit_is_checked(client: httpx.AsyncClient) -> None:
+    """limit must be between 1 and 1000, and limits the list."""
+    for _ in range(3):
+        await client.post("/orders", json=order_body())
+    assert len((await client.get("/orders", params={"limit": 2})).json()) == 2
+    assert (await client.get("/orders", params={"limit": 0})).status_code == 422
+
+
+async def test_health_is_ok_when_broker_and_database_answer(client: httpx.AsyncClient) -> None:
+    """200 with both checks true."""
+    response = await client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "broker": True, "database": True}
+
+
+@pytest.mark.parametrize(("broker", "database"), [(False, True), (True, False)])
+async def test_health_is_503_when_either_is_down(client: httpx.AsyncClient, runtime: FakeRuntime,
+                                                 broker: bool, database: bool) -> None:
+    """Either check failing (even by raising) makes the service unavailable."""
+    runtime.broker_up, runtime.database_up = broker, database
+    response = await client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "broker": broker, "database": database}
+
+
+async def test_without_a_runtime_only_the_docs_answer(settings: OrderSettings) -> None:
+    """create_app(None): OpenAPI docs work, everything else is 503."""
+    app = create_app(None, settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as client:
+        assert (await client.get("/docs")).status_code == 200
+        spec = (await client.get("/openapi.json")).json()
+        assert {"/orders", "/orders/{order_id}", "/healthz", "/subscribers"} <= set(spec["paths"])
+        assert (await client.post("/orders", json=order_body())).status_code == 503
+        assert (await client.get("/healthz")).status_code == 503

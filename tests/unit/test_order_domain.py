@@ -1,0 +1,222 @@
+"""Order rules: what a valid order is, how its state moves, how its fan-out is judged."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from order_service.domain import (
+    NewOrder,
+    OrderState,
+    Receipt,
+    advance,
+    fan_out,
+    outcome_detail,
+    place_order,
+)
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def order_body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "customer_id": "cust-1",
+        "lines": [
+            {"sku": "SKU-BOOK-1", "quantity": 2, "unit_price": "19.99", "seller_id": "books"},
+            {"sku": "SKU-MUG-1", "quantity": 1, "unit_price": "5.00", "seller_id": "mugs"},
+        ],
+        "currency": "EUR",
+        "shipping_address": {"name": "Ada", "street": "1 Row", "city": "Berlin",
+                             "postal_code": "10115", "country": "de"},
+    }
+    body.update(changes)
+    return body
+
+
+def error_fields(exc: pytest.ExceptionInfo[ValidationError]) -> dict[str, str]:
+    return {".".join(map(str, e["loc"])): e["msg"] for e in exc.value.errors()}
+
+
+def test_valid_order_without_total_gets_the_sum_of_its_lines() -> None:
+    """A valid order builds an OrderPlaced whose total is the sum of the lines."""
+    event = place_order(NewOrder.model_validate(order_body()))
+    assert event.total == Decimal("44.98")
+    assert event.shipping_address.country == "DE"
+
+
+def test_placed_event_starts_its_own_flow() -> None:
+    """The order id is the correlation id, and the producer is the order service."""
+    order_id = uuid.uuid4()
+    event = place_order(NewOrder.model_validate(order_body()), order_id=order_id, now=T0)
+    assert event.order_id == order_id
+    assert event.correlation_id == str(order_id)
+    assert event.producer == "order"
+    assert event.occurred_at == T0
+    assert event.causation_id is None
+
+
+def test_each_placement_gets_a_new_order_id() -> None:
+    """Two placements of the same body are two orders."""
+    new = NewOrder.model_validate(order_body())
+    assert place_order(new).order_id != place_order(new).order_id
+
+
+def test_a_total_that_adds_up_is_accepted() -> None:
+    """A given total equal to the sum of the lines is kept."""
+    assert place_order(NewOrder.model_validate(order_body(total="44.98"))).total == Decimal(
+        "44.98")
+
+
+def test_a_total_that_does_not_add_up_is_refused_on_the_total_field() -> None:
+    """A given total other than the sum is an error on `total` saying both amounts."""
+    with pytest.raises(ValidationError) as exc:
+        NewOrder.model_validate(order_body(total="40.00"))
+    fields = error_fields(exc)
+    assert "total" in fields
+    assert "40.00" in fields["total"]
+    assert "44.98" in fields["total"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"customer_id": ""}, "customer_id"),
+        ({"lines": []}, "lines"),
+        ({"currency": "XYZ"}, "currency"),
+        ({"currency": "EURO"}, "currency"),
+        ({"shipping_address": {"name": "Ada"}}, "shipping_address.street"),
+        ({"lines": [{"sku": "A", "quantity": 0, "unit_price": "1", "seller_id": "s"}]},
+         "lines.0.quantity"),
+        ({"lines": [{"sku": "A", "quantity": -1, "unit_price": "1", "seller_id": "s"}]},
+         "lines.0.quantity"),
+        ({"lines": [{"sku": "A", "quantity": "two", "unit_price": "1", "seller_id": "s"}]},
+         "lines.0.quantity"),
+        ({"lines": [{"sku": "A", "quantity": 1, "unit_price": "-1", "seller_id": "s"}]},
+         "lines.0.unit_price"),
+        ({"lines": [{"sku": "A", "quantity": 1, "unit_price": "1.001", "seller_id": "s"}]},
+         "lines.0.unit_price"),
+        ({"lines": [{"sku": "A", "quantity": 1, "unit_price": "1"}]}, "lines.0.seller_id"),
+        ({"qty": 3}, "qty"),
+    ],
+)
+def test_bad_input_is_refused_on_the_field_at_fault(change: dict[str, Any], field: str) -> None:
+    """Each kind of bad input is reported on the field that is wrong."""
+    with pytest.raises(ValidationError) as exc:
+        NewOrder.model_validate(order_body(**change))
+    assert field in error_fields(exc)
+
+
+def test_missing_fields_are_each_named() -> None:
+    """An empty body names every required field."""
+    with pytest.raises(ValidationError) as exc:
+        NewOrder.model_validate({})
+    assert set(error_fields(exc)) == {"customer_id", "lines", "shipping_address"}
+
+
+def test_unsupported_currency_message_lists_the_supported_ones() -> None:
+    """A well-formed but unsupported currency says which ones are supported."""
+    with pytest.raises(ValidationError) as exc:
+        NewOrder.model_validate(order_body(currency="xyz"))
+    assert "EUR" in error_fields(exc)["currency"]
+
+
+@pytest.mark.parametrize(
+    ("current", "seen", "expected"),
+    [
+        (OrderState.ACCEPTED, OrderState.PLACED, OrderState.PLACED),
+        (OrderState.ACCEPTED, OrderState.CONFIRMED, OrderState.CONFIRMED),
+        (OrderState.PLACED, OrderState.REJECTED, OrderState.REJECTED),
+        (OrderState.CONFIRMED, OrderState.PLACED, OrderState.CONFIRMED),
+        (OrderState.REJECTED, OrderState.ACCEPTED, OrderState.REJECTED),
+        (OrderState.CONFIRMED, OrderState.REJECTED, OrderState.CONFIRMED),
+        (OrderState.PLACED, OrderState.PLACED, OrderState.PLACED),
+    ],
+)
+def test_state_only_moves_forward(current: OrderState, seen: OrderState,
+                                  expected: OrderState) -> None:
+    """A late, weaker fact never undoes a stronger one, and a final state stays final."""
+    assert advance(current, seen) == expected
+
+
+def receipt(name: str, outcome: str, minutes: int = 0, error: str | None = None) -> Receipt:
+    return Receipt(subscriber=name, outcome=outcome,  # type: ignore[arg-type]
+                   at=T0 + timedelta(minutes=minutes), error=error, duration_ms=1.5)
+
+
+def test_fan_out_marks_each_expected_subscriber() -> None:
+    """Handled, dead-lettered and silent subscribers show as handled, failed, pending."""
+    fan = fan_out(["inventory", "logistics", "seller"], [
+        receipt("inventory", "handled"),
+        receipt("logistics", "dead_lettered", error="KeyError: 'FR'"),
+    ])
+    by_name = {s.name: s for s in fan.subscribers}
+    assert by_name["inventory"].status == "handled"
+    assert by_name["logistics"].status == "failed"
+    assert by_name["logistics"].error == "KeyError: 'FR'"
+    assert by_name["seller"].status == "pending"
+    assert fan.pending == ("seller",)
+    assert not fan.complete
+
+
+def test_fan_out_is_complete_when_nobody_is_pending() -> None:
+    """A failure still counts as an answer: the fan-out is complete."""
+    fan = fan_out(["a", "b"], [receipt("a", "handled"), receipt("b", "dead_lettered")])
+    assert fan.complete
+    assert (fan.count("handled"), fan.count("failed"), fan.count("pending")) == (1, 1, 0)
+
+
+def test_a_duplicate_delivery_counts_as_handled() -> None:
+    """A redelivery of a handled event reports duplicate; the subscriber handled it."""
+    fan = fan_out(["a"], [receipt("a", "duplicate")])
+    assert fan.subscribers[0].status == "handled"
+    assert fan.subscribers[0].outcome == "duplicate"
+
+
+def test_success_wins_over_failure_whatever_the_order() -> None:
+    """A dead-lettered delivery later replayed and handled is handled, and stays so."""
+    replayed = fan_out(["a"], [receipt("a", "dead_lettered", 0), receipt("a", "handled", 5)])
+    assert replayed.subscribers[0].status == "handled"
+    late_failure = fan_out(["a"], [receipt("a", "handled", 0), receipt("a", "dead_lettered", 5)])
+    assert late_failure.subscribers[0].status == "handled"
+
+
+def test_the_latest_failure_gives_the_error() -> None:
+    """Among failures only, the latest error is shown."""
+    fan = fan_out(["a"], [receipt("a", "dead_lettered", 0, "old"),
+                          receipt("a", "dead_lettered", 5, "new")])
+    assert fan.subscribers[0].error == "new"
+
+
+def test_a_subscriber_that_joined_later_is_listed_as_unexpected() -> None:
+    """A receipt from a subscriber not expected at placement is shown, marked unexpected."""
+    fan = fan_out(["a"], [receipt("a", "handled"), receipt("audit", "handled")])
+    by_name = {s.name: s for s in fan.subscribers}
+    assert by_name["a"].expected
+    assert not by_name["audit"].expected
+    assert by_name["audit"].status == "handled"
+    assert fan.complete
+
+
+def test_no_subscribers_is_trivially_complete() -> None:
+    """With no expected subscriber and no receipt there is nothing to wait for."""
+    fan = fan_out([], [])
+    assert fan.subscribers == ()
+    assert fan.complete
+
+
+def test_outcome_details_read_as_one_line() -> None:
+    """Each outcome kind gets a short readable summary."""
+    assert outcome_detail("stock_reserved", {"lines": [{}, {}]}) == "reserved 2 line(s)"
+    assert outcome_detail("stock_failed", {"reason": "not enough SKU-1"}) == "not enough SKU-1"
+    assert outcome_detail("shipment", {"carrier": "DHL", "tracking_number": "DHL-1",
+                                       "estimated_delivery": "2025-01-03"}) == (
+        "DHL DHL-1, delivery by 2025-01-03")
+    assert outcome_detail("seller", {"seller_id": "books", "lines": [{}]}) == (
+        "seller books notified of 1 line(s)")

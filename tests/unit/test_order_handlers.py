@@ -1,0 +1,328 @@
+"""Order handlers on the real order store (SQLite file): registry, receipts, outcomes, state."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from common.db import create_tables, make_engine
+from common.events import (
+    DeliveryReceipt,
+    Event,
+    OrderLine,
+    OrderPlaced,
+    ReservedLine,
+    SellerNotified,
+    ShipmentScheduled,
+    StockReservationFailed,
+    StockReserved,
+    SubscriberAnnounced,
+    UnreservableLine,
+)
+from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
+from order_service.handlers import AUDIT_HANDLERS, HANDLERS
+from order_service.store import OrderStore, metadata
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+PLACED_AT = T0 + timedelta(minutes=10)
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}")
+    await create_tables(engine, metadata)
+    yield engine
+    await engine.dispose()
+
+
+async def deliver(engine: AsyncEngine, event: Event) -> None:
+    """What the kit does: the handler for the event's type, in one transaction."""
+    handler = {**HANDLERS, **AUDIT_HANDLERS}[type(event)]
+    async with engine.begin() as conn:
+        assert list(await handler(event, OrderStore(conn))) == []
+
+
+async def place(engine: AsyncEngine, at: datetime = PLACED_AT) -> OrderPlaced:
+    event = place_order(NewOrder.model_validate({
+        "customer_id": "cust-1",
+        "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": "3.50", "seller_id": "s1"}],
+        "shipping_address": {"name": "Ada", "street": "1 Row", "city": "Berlin",
+                             "postal_code": "10115", "country": "DE"},
+    }), now=at)
+    async with engine.begin() as conn:
+        await OrderStore(conn).add_order(event)
+    return event
+
+
+async def status(engine: AsyncEngine, order_id: uuid.UUID) -> OrderStatus:
+    async with engine.connect() as conn:
+        found = await OrderStore(conn).status(order_id)
+    assert found is not None
+    return found
+
+
+def announced(name: str, at: datetime = T0, *, order_placed: bool = True,
+              instance: str = "host:1") -> SubscriberAnnounced:
+    consumes = {"OrderPlaced": f"{name}.order.placed"} if order_placed else {
+        "StockReserved": f"{name}.stock.reserved"}
+    return SubscriberAnnounced(subscriber=name, instance=instance, consumes=consumes,
+                               occurred_at=at, producer=name)
+
+
+def receipt_for(event: Event, subscriber: str, outcome: str = "handled",
+                error: str | None = None, **extra: Any) -> DeliveryReceipt:
+    return DeliveryReceipt(
+        subscriber=subscriber, queue=f"{subscriber}.x",
+        handled_event_id=str(event.event_id), handled_event_type=event.event_type,
+        outcome=outcome,  # type: ignore[arg-type]
+        error=error, received_at=PLACED_AT + timedelta(seconds=1), duration_ms=2.5,
+        correlation_id=event.correlation_id, causation_id=event.event_id, producer=subscriber,
+        **extra)
+
+
+def by_name(st: OrderStatus) -> dict[str, str]:
+    return {s.name: s.status for s in st.subscribers}
+
+
+async def test_handler_tables_cover_the_outcome_and_audit_events() -> None:
+    """The order service consumes the four outcome events and the two audit events."""
+    assert set(HANDLERS) == {StockReserved, StockReservationFailed, ShipmentScheduled,
+                             SellerNotified}
+    assert set(AUDIT_HANDLERS) == {SubscriberAnnounced, DeliveryReceipt}
+
+
+async def test_announcement_registers_and_refreshes_without_moving_first_seen(
+        engine: AsyncEngine) -> None:
+    """A re-announcement updates instance, queues and last_seen; first_seen stays."""
+    await deliver(engine, announced("inventory", T0, instance="host:1"))
+    await deliver(engine, announced("inventory", T0 + timedelta(hours=1), instance="host:2"))
+    async with engine.connect() as conn:
+        [entry] = await OrderStore(conn).list_subscribers()
+    assert entry.first_seen == T0
+    assert entry.last_seen == T0 + timedelta(hours=1)
+    assert entry.instance == "host:2"
+    assert entry.consumes == {"OrderPlaced": "inventory.order.placed"}
+
+
+async def test_a_redelivered_announcement_changes_nothing(engine: AsyncEngine) -> None:
+    """The audit queue is not deduped by the kit: the same announcement twice is one entry."""
+    event = announced("inventory")
+    await deliver(engine, event)
+    await deliver(engine, event)
+    async with engine.connect() as conn:
+        assert len(await OrderStore(conn).list_subscribers()) == 1
+
+
+async def test_expected_subscribers_are_the_order_placed_consumers_known_at_placement(
+        engine: AsyncEngine) -> None:
+    """Only registered OrderPlaced consumers are expected; others and later ones are not."""
+    await deliver(engine, announced("inventory"))
+    await deliver(engine, announced("logistics"))
+    await deliver(engine, announced("order", order_placed=False))
+    order = await place(engine)
+    await deliver(engine, announced("audit", PLACED_AT + timedelta(minutes=1)))
+    st = await status(engine, order.order_id)
+    assert by_name(st) == {"inventory": "pending", "logistics": "pending"}
+    assert st.state == OrderState.ACCEPTED
+    assert not st.complete
+
+
+async def test_receipts_give_each_subscriber_its_outcome(engine: AsyncEngine) -> None:
+    """Handled and dead-lettered receipts show per subscriber, with the error and timing."""
+    for name in ("inventory", "logistics", "seller"):
+        await deliver(engine, announced(name))
+    order = await place(engine)
+    await deliver(engine, receipt_for(order, "inventory"))
+    await deliver(engine, receipt_for(order, "logistics", "dead_lettered", "KeyError: 'ZZ'"))
+    st = await status(engine, order.order_id)
+    assert by_name(st) == {"inventory": "handled", "logistics": "failed", "seller": "pending"}
+    failed = next(s for s in st.subscribers if s.name == "logistics")
+    assert failed.error == "KeyError: 'ZZ'"
+    assert failed.duration_ms == 2.5
+    assert failed.at == PLACED_AT + timedelta(seconds=1)
+    await deliver(engine, receipt_for(order, "seller"))
+    assert (await status(engine, order.order_id)).complete
+
+
+async def test_the_first_receipt_shows_the_order_was_published(engine: AsyncEngine) -> None:
+    """accepted -> placed once a receipt for the order's OrderPlaced arrives."""
+    await deliver(engine, announced("inventory"))
+    order = await place(engine)
+    await deliver(engine, receipt_for(order, "inventory"))
+    assert (await status(engine, order.order_id)).state == OrderState.PLACED
+
+
+async def test_receipts_of_other_events_in_the_flow_do_not_count_for_the_fan_out(
+        engine: AsyncEngine) -> None:
+    """The order service's own receipt for StockReserved is not an answer to OrderPlaced."""
+    await deliver(engine, announced("inventory"))
+    order = await place(engine)
+    reserved = StockReserved(order_id=order.order_id, lines=(ReservedLine(sku="SKU-1",
+                                                                          quantity=2),),
+                             ).caused(order, "inventory")
+    await deliver(engine, receipt_for(reserved, "order"))
+    st = await status(engine, order.order_id)
+    assert by_name(st) == {"inventory": "pending"}
+    assert st.state == OrderState.ACCEPTED
+
+
+async def test_a_redelivered_receipt_is_kept_once(engine: AsyncEngine) -> None:
+    """The same receipt delivered twice is one row; a new receipt of the same kind too."""
+    await deliver(engine, announced("inventory"))
+    order = await place(engine)
+    first = receipt_for(order, "inventory", "dead_lettered", "boom")
+    await deliver(engine, first)
+    await deliver(engine, first)
+    await deliver(engine, receipt_for(order, "inventory", "dead_lettered", "boom again"))
+    [sub] = (await status(engine, order.order_id)).subscribers
+    assert sub.status == "failed"
+    assert sub.error == "boom again"
+
+
+async def test_a_receipt_outside_any_order_is_kept_without_harm(engine: AsyncEngine) -> None:
+    """Receipts of other flows, or of unreadable messages, are stored and break nothing."""
+    stranger = DeliveryReceipt(subscriber="inventory", queue="inventory.order.placed",
+                               handled_event_id=None, handled_event_type=None,
+                               outcome="dead_lettered", error="PoisonMessage: not JSON",
+                               received_at=T0, duration_ms=0.1, correlation_id="not-an-order")
+    await deliver(engine, stranger)
+    await deliver(engine, stranger)
+    other_flow = receipt_for(SubscriberAnnounced(subscriber="x", instance="i", consumes={},
+                                                 correlation_id=str(uuid.uuid4())), "seller")
+    await deliver(engine, other_flow)
+    async with engine.connect() as conn:
+        assert await OrderStore(conn).list_orders() == []
+
+
+async def test_a_subscriber_added_later_shows_up_when_it_answers(engine: AsyncEngine) -> None:
+    """An unexpected subscriber's receipt appears in the status, marked as joined later."""
+    await deliver(engine, announced("inventory"))
+    order = await place(engine)
+    await deliver(engine, announced("audit", PLACED_AT + timedelta(minutes=1)))
+    await deliver(engine, receipt_for(order, "inventory"))
+    await deliver(engine, receipt_for(order, "audit"))
+    st = await status(engine, order.order_id)
+    assert by_name(st) == {"audit": "handled", "inventory": "handled"}
+    assert [s.expected for s in st.subscribers] == [False, True]
+    assert st.complete
+
+
+async def test_stock_reserved_confirms_the_order(engine: AsyncEngine) -> None:
+    """StockReserved records the reserved lines and confirms the order."""
+    order = await place(engine)
+    event = StockReserved(order_id=order.order_id,
+                          lines=(ReservedLine(sku="SKU-1", quantity=2),)).caused(order, "inv")
+    await deliver(engine, event)
+    st = await status(engine, order.order_id)
+    assert st.state == OrderState.CONFIRMED
+    [outcome] = st.outcomes
+    assert outcome.kind == "stock_reserved"
+    assert outcome.detail == {"lines": [{"sku": "SKU-1", "quantity": 2}]}
+
+
+async def test_stock_failure_rejects_the_order_with_its_reason(engine: AsyncEngine) -> None:
+    """StockReservationFailed records the reason and the lines, and rejects the order."""
+    order = await place(engine)
+    event = StockReservationFailed(
+        order_id=order.order_id, reason="not enough stock for SKU-1",
+        lines=(UnreservableLine(sku="SKU-1", requested=2, available=1,
+                                reason="insufficient_stock"),)).caused(order, "inventory")
+    await deliver(engine, event)
+    st = await status(engine, order.order_id)
+    assert st.state == OrderState.REJECTED
+    assert st.outcomes[0].kind == "stock_failed"
+    assert st.outcomes[0].detail["reason"] == "not enough stock for SKU-1"
+    assert st.outcomes[0].detail["lines"][0]["available"] == 1
+
+
+async def test_a_late_receipt_does_not_undo_confirmation(engine: AsyncEngine) -> None:
+    """StockReserved arriving before the receipt: the order stays confirmed."""
+    await deliver(engine, announced("inventory"))
+    order = await place(engine)
+    await deliver(engine, StockReserved(order_id=order.order_id, lines=(
+        ReservedLine(sku="SKU-1", quantity=2),)).caused(order, "inventory"))
+    await deliver(engine, receipt_for(order, "inventory"))
+    assert (await status(engine, order.order_id)).state == OrderState.CONFIRMED
+
+
+async def test_shipment_and_seller_outcomes_are_recorded(engine: AsyncEngine) -> None:
+    """ShipmentScheduled and SellerNotified are kept as outcomes; the order is placed."""
+    order = await place(engine)
+    shipment_id = uuid.uuid4()
+    await deliver(engine, ShipmentScheduled(
+        order_id=order.order_id, shipment_id=shipment_id, carrier="DHL",
+        tracking_number="DHL-1", estimated_delivery=date(2025, 1, 3),
+        occurred_at=PLACED_AT + timedelta(seconds=2)).caused(order, "logistics"))
+    await deliver(engine, SellerNotified(
+        order_id=order.order_id, seller_id="s1",
+        lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=Decimal("3.50"), seller_id="s1"),),
+        occurred_at=PLACED_AT + timedelta(seconds=3)).caused(order, "seller"))
+    st = await status(engine, order.order_id)
+    assert st.state == OrderState.PLACED
+    assert [o.kind for o in st.outcomes] == ["shipment", "seller"]
+    assert st.outcomes[0].detail == {"shipment_id": str(shipment_id), "carrier": "DHL",
+                                     "tracking_number": "DHL-1",
+                                     "estimated_delivery": "2025-01-03"}
+    assert st.outcomes[1].detail["seller_id"] == "s1"
+
+
+async def test_an_outcome_for_an_unknown_order_breaks_nothing(engine: AsyncEngine) -> None:
+    """An outcome about an order this service never stored is kept and ignored for state."""
+    stray = StockReserved(order_id=uuid.uuid4(), lines=(ReservedLine(sku="S", quantity=1),))
+    await deliver(engine, stray)
+    async with engine.connect() as conn:
+        assert await OrderStore(conn).status(stray.order_id) is None
+
+
+async def test_status_keeps_the_order_as_placed(engine: AsyncEngine) -> None:
+    """The status carries the order's lines, address, total and placement time."""
+    order = await place(engine)
+    st = await status(engine, order.order_id)
+    assert st.order.order_id == order.order_id
+    assert st.order.total == Decimal("7.00")
+    assert st.order.lines == order.lines
+    assert st.order.placed_at == PLACED_AT
+
+
+async def test_list_orders_newest_first_with_fan_out_counts(engine: AsyncEngine) -> None:
+    """The list shows the latest orders first, each with handled/failed/pending counts."""
+    await deliver(engine, announced("inventory"))
+    await deliver(engine, announced("logistics"))
+    older = await place(engine, PLACED_AT)
+    newer = await place(engine, PLACED_AT + timedelta(minutes=1))
+    await deliver(engine, receipt_for(older, "inventory"))
+    await deliver(engine, receipt_for(older, "logistics", "dead_lettered", "x"))
+    async with engine.connect() as conn:
+        summaries = await OrderStore(conn).list_orders(limit=10)
+        assert [s.order_id for s in await OrderStore(conn).list_orders(limit=1)] == [
+            newer.order_id]
+    assert [s.order_id for s in summaries] == [newer.order_id, older.order_id]
+    assert (summaries[0].handled, summaries[0].failed, summaries[0].pending) == (0, 0, 2)
+    assert (summaries[1].handled, summaries[1].failed, summaries[1].pending) == (1, 1, 0)
+    assert summaries[1].total == Decimal("7.00")
+
+
+async def test_unknown_order_has_no_status(engine: AsyncEngine) -> None:
+    """Asking for an order that does not exist gives None, not an error."""
+    async with engine.connect() as conn:
+        assert await OrderStore(conn).status(uuid.uuid4()) is None
+
+
+async def test_a_subscriber_started_before_the_order_is_expected_even_if_read_later(
+        engine: AsyncEngine) -> None:
+    """An announcement the tracker reads after the order still counts by its own time."""
+    order = await place(engine)
+    await deliver(engine, announced("inventory", at=PLACED_AT - timedelta(seconds=1)))
+    await deliver(engine, announced("latecomer", at=PLACED_AT + timedelta(seconds=1)))
+    found = await status(engine, order.order_id)
+    assert {s.name: s.status for s in found.subscribers} == {"inventory": "pending"}
+    assert not found.complete
