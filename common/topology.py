@@ -101,6 +101,12 @@ class Topology:
             names.append(name)
 
 
+_DELETE_HOW = {
+    "queue": "`rabbitmqctl delete_queue {name}` or the management UI",
+    "exchange": "`rabbitmqadmin delete exchange name={name}` or the management UI",
+}
+
+
 def _clash(kind: str, name: str, exc: ChannelPreconditionFailed) -> str:
     """Turn RabbitMQ's PRECONDITION_FAILED into what an operator needs to act on."""
     text = str(exc)
@@ -112,6 +118,6 @@ def _clash(kind: str, name: str, exc: ChannelPreconditionFailed) -> str:
         f"The broker already has {kind} {name!r} declared with other settings ({differs}). "
         f"Nothing was changed. To migrate: stop every consumer of {name!r}, move or drain its "
         f"messages (for example with a shovel to a temporary {kind}), delete it "
-        f"(rabbitmqctl delete_{kind} {name} or the management UI), then start the service "
-        f"again so it declares {name!r} the new way."
+        f"({_DELETE_HOW[kind].format(name=name)}), then start the service again so it "
+        f"declares {name!r} the new way."
     )
