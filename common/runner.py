@@ -28,7 +28,7 @@ from common.logging import get_logger
 from common.outbox import Relay, add_to_outbox, kit_metadata, remember, seen, utcnow
 from common.service import Handler, ServiceSpec, StoreT
 from common.settings import ServiceSettings
-from common.topology import Topology
+from common.topology import Topology, TopologyError
 
 log = get_logger(__name__)
 
@@ -407,7 +407,13 @@ async def run_service(spec: ServiceSpec[StoreT], settings: ServiceSettings,
             await start
         await runner.stop()
         return
-    runtime = start.result()
+    try:
+        runtime = start.result()
+    except TopologyError as exc:
+        # Not a crash to retry: the operator must migrate the queue first.
+        log.error("topology clash; not starting", error=str(exc))
+        await runner.stop()
+        raise SystemExit(f"{spec.name}: {exc}") from exc
     extra_task = asyncio.create_task(extra(runtime)) if extra is not None else None
     waiters: set[asyncio.Task[Any]] = {stop_wait}
     if extra_task is not None:

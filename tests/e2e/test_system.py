@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import httpx
 import pytest
 
@@ -222,3 +224,36 @@ def test_bad_cli_input_is_refused_and_nothing_is_placed(system: System) -> None:
     assert unknown.returncode != 0
     assert "payments" in unknown.stderr
     assert httpx.get(f"{system.api}/orders", timeout=5).json() == before
+
+
+def test_a_queue_declared_differently_stops_the_service_with_a_clear_message(
+        amqp_url: str, tmp_path: Path) -> None:
+    """A clash with the broker's queue (PRECONDITION_FAILED) exits non-zero, naming the queue."""
+    prefix = f"clash{os.getpid()}."
+    queue = f"{prefix}seller.order.placed"
+
+    async def declare(delete: bool) -> None:
+        connection = await aio_pika.connect(amqp_url)
+        channel = await connection.channel()
+        if delete:
+            for name in (queue, f"{queue}.dlq", f"{prefix}audit.tracker",
+                         f"{prefix}audit.tracker.dlq"):
+                await channel.queue_delete(name)
+            for name in ("order.placed", "audit", "dead-letter"):
+                await channel.exchange_delete(prefix + name)
+        else:
+            await channel.declare_queue(queue, durable=True, arguments={"x-max-length": 5})
+        await connection.close()
+
+    asyncio.run(declare(delete=False))
+    try:
+        env = {**os.environ, "AMQP_URL": amqp_url, "SHOP_NAME_PREFIX": prefix,
+               "SHOP_DATA_DIR": str(tmp_path), "LOG_FORMAT": "json"}
+        result = subprocess.run([sys.executable, "-m", "seller_service"], env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        asyncio.run(declare(delete=True))
+    assert result.returncode != 0
+    assert repr(queue) in result.stderr
+    assert "To migrate" in result.stderr
+    assert "Traceback" not in result.stderr
