@@ -124,6 +124,8 @@ class Publisher:
                        ) -> AbstractExchange:
         async with self._lock:
             channel = await self._get_channel()
+            if name == "":
+                return channel.default_exchange
             if name not in self._exchanges:
                 self._exchanges[name] = await self._topology.declare_exchange(channel, name, kind)
             return self._exchanges[name]

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import MetaData, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import DateTime, MetaData, TypeDecorator, event
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every database (SQLite would hand back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: store aware UTC datetimes only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -30,6 +55,15 @@ def make_engine(url: str) -> AsyncEngine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+        # Let SQLAlchemy, not the driver, start transactions: the driver's legacy mode runs
+        # SELECTs outside any transaction, so a read of several tables could mix two
+        # commits (an order's outcome without its new state).
+        # https://docs.sqlalchemy.org/en/20/dialects/sqlite.html#serializable-isolation-savepoints-transactional-ddl
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
 
     return engine
 
@@ -43,3 +77,23 @@ async def create_tables(engine: AsyncEngine, *metadatas: MetaData) -> None:
     async with engine.begin() as conn:
         for metadata in metadatas:
             await conn.run_sync(metadata.create_all)
+
+
+def run_with_store(db_url: str, metadata: MetaData, store: Callable[[AsyncConnection], S],
+                   work: Callable[[S], Awaitable[T]]) -> T:
+    """Run `work` on `store` in one transaction on the database at `db_url`, from sync code.
+
+    Creates the missing tables first and disposes of the engine afterwards: what a
+    service's CLI command does with the service's own database.
+    """
+
+    async def main() -> T:
+        engine = make_engine(db_url)
+        try:
+            await create_tables(engine, metadata)
+            async with engine.begin() as conn:
+                return await work(store(conn))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())

@@ -261,8 +261,12 @@ class DeliveryReceipt(Event):
     handled_event_id: str | None = Field(
         description="event_id of the delivery (None when the body could not be read).")
     handled_event_type: str | None = Field(description="Its event type, when known.")
-    outcome: Literal["handled", "duplicate", "dead_lettered"] = Field(
-        description="What happened to it.")
+    outcome: Literal["handled", "duplicate", "retried", "dead_lettered", "replayed"] = Field(
+        description="handled; duplicate (handled before, no second effect); retried (failed, "
+                    "waiting in a delay queue); dead_lettered (parked in <queue>.dlq); "
+                    "replayed (an operator sent it back from the dead-letter queue).")
+    attempt: int | None = Field(default=None, ge=1,
+                                description="Which failed attempt this was, for failures.")
     error: str | None = Field(default=None, description="Why it failed, when it did.")
     received_at: datetime = Field(description="When the delivery arrived.")
     duration_ms: float = Field(ge=0, description="Time from arrival to outcome.")

@@ -25,7 +25,11 @@ def configure_logging(settings: ServiceSettings) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(),
+            # Rich's boxed tracebacks with locals help at a terminal, drown a log file.
+            exception_formatter=(structlog.dev.rich_traceback if sys.stderr.isatty()
+                                 else structlog.dev.plain_traceback))
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

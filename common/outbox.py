@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
     Column,
-    DateTime,
     Index,
     Integer,
     MetaData,
@@ -25,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.broker import Publisher
+from common.db import UTCDateTime
 from common.events import EVENT_TYPES, Event
 from common.logging import get_logger
 
@@ -38,8 +38,8 @@ outbox = Table(
     Column("event_id", String(36), nullable=False),
     Column("event_type", String(64), nullable=False),
     Column("body", Text, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     Index("ix_kit_outbox_unsent", "sent_at", "id"),
 )
@@ -49,7 +49,7 @@ inbox = Table(
     "kit_inbox", kit_metadata,
     Column("queue", String(200), primary_key=True),
     Column("event_id", String(36), primary_key=True),
-    Column("handled_at", DateTime(timezone=True), nullable=False),
+    Column("handled_at", UTCDateTime(), nullable=False),
 )
 
 

@@ -10,12 +10,17 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Generic
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
@@ -127,15 +132,18 @@ class ServiceRunner(Generic[StoreT]):
     """Starts a service (tables, topology, consumers, relay, announcer) and stops it cleanly."""
 
     def __init__(self, spec: ServiceSpec[StoreT], settings: ServiceSettings, *,
-                 broker_wait: float | None = None, shutdown_timeout: float = 10.0) -> None:
+                 broker_wait: float | None = None, shutdown_timeout: float | None = None
+                 ) -> None:
         self.spec = spec
         self.settings = settings
-        self.topology = Topology(settings.name_prefix)
+        self.topology = Topology(settings.name_prefix, delivery_limit=settings.delivery_limit,
+                                 retry_delays=settings.retry_delays)
         self.broker_wait = broker_wait
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout = shutdown_timeout or settings.shutdown_timeout
         self.runtime = Runtime(spec, settings, make_engine(settings.db_url()), self.topology)
         self.subscriptions = self._subscriptions()
-        self._queues: list[tuple[AbstractQueue, str]] = []
+        #: Per subscribed queue: the channel, the queue object and our consumer tag.
+        self._consumers: dict[str, tuple[AbstractChannel, AbstractQueue, str]] = {}
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._instance = instance_name(spec.name)
@@ -162,11 +170,14 @@ class ServiceRunner(Generic[StoreT]):
         rt.connection = await connect(self.settings.amqp_url, self._instance,
                                       wait=self.broker_wait)
         rt.publisher = Publisher(rt.connection, self.topology)
-        rt.relay = Relay(rt.engine, rt.publisher, write_lock=rt.write_lock)  # type: ignore[arg-type]
+        rt.relay = Relay(rt.engine, rt.publisher, write_lock=rt.write_lock,  # type: ignore[arg-type]
+                         retention=timedelta(hours=self.settings.retention_hours))
         await self._declare_audit()
         for sub in self.subscriptions:
             await self._consume(sub)
         self._tasks.append(asyncio.create_task(rt.relay.run(), name=f"{self.spec.name}-relay"))
+        self._tasks.append(asyncio.create_task(self._watch_consumers(),
+                                               name=f"{self.spec.name}-consumer-watch"))
         if self.spec.handlers:
             self._tasks.append(asyncio.create_task(self._announce_forever(),
                                                    name=f"{self.spec.name}-announcer"))
@@ -203,7 +214,58 @@ class ServiceRunner(Generic[StoreT]):
         if queue is None:
             raise ValueError(f"subscription {sub.queue} has no handlers")
         tag = await queue.consume(functools.partial(self._on_message, sub))
-        self._queues.append((queue, tag))
+        self._consumers[sub.queue] = (channel, queue, tag)
+
+    async def _watch_consumers(self) -> None:
+        """Re-subscribe a queue the broker says has no consumer while we think we consume it.
+
+        aio-pika has open reports of a robust reconnect that restores the channel but not
+        the consumer (mosquito/aio-pika#231, #626): check instead of trusting it. Two
+        readings in a row, so a restore still in progress is not mistaken for a loss.
+        """
+        suspects: set[str] = set()
+        by_queue = {sub.queue: sub for sub in self.subscriptions}
+        while True:
+            await asyncio.sleep(self.settings.consumer_check_interval)  # a period, not a wait
+            connection = self.runtime.connection
+            if connection is None or connection.is_closed or not self._consumers:
+                continue
+            try:
+                counts = await self._consumer_counts(connection, list(self._consumers))
+            except Exception as exc:  # the broker is away; the robust connection handles it
+                log.debug("consumer check skipped", error=str(exc))
+                continue
+            for name, count in counts.items():
+                if count > 0:
+                    suspects.discard(name)
+                elif name not in suspects:
+                    suspects.add(name)
+                else:
+                    suspects.discard(name)
+                    log.warning("queue has no consumer although we subscribed; re-subscribing",
+                                queue=name)
+                    old_channel = self._consumers[name][0]
+                    with contextlib.suppress(Exception):
+                        await old_channel.close()
+                    try:
+                        await self._consume(by_queue[name])
+                    except Exception:
+                        log.exception("re-subscribing failed; will try again", queue=name)
+
+    @staticmethod
+    async def _consumer_counts(connection: AbstractRobustConnection,
+                               queues: list[str]) -> dict[str, int]:
+        channel = await connection.channel()
+        try:
+            counts = {}
+            for name in queues:
+                declared = await channel.declare_queue(name, passive=True)
+                result = declared.declaration_result
+                counts[name] = int(result.consumer_count or 0)
+            return counts
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def _on_message(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
                           ) -> None:
@@ -226,18 +288,18 @@ class ServiceRunner(Generic[StoreT]):
             with structlog.contextvars.bound_contextvars(
                     event_id=message.message_id, event_type=message.type,
                     correlation_id=message.correlation_id, order_id=message.correlation_id):
-                await self._dead_letter(sub, message, reason="poison", error=exc,
-                                        received_at=received_at, started=started)
+                await self._fail(sub, message, reason="poison", error=exc, retry=False,
+                                 received_at=received_at, started=started)
             return
         with structlog.contextvars.bound_contextvars(
                 event_id=str(event.event_id), event_type=event.event_type,
                 correlation_id=event.correlation_id, order_id=event.order_key):
             try:
                 duplicate = await self._handle(sub, event, handler, received_at, started)
-            except Exception as exc:  # any handler failure: dead-letter it, keep consuming
-                log.exception("handler failed; dead-lettering", queue=sub.queue)
-                await self._dead_letter(sub, message, reason="handler_error", error=exc,
-                                        received_at=received_at, started=started, event=event)
+            except Exception as exc:  # any handler failure: retry later or park; keep consuming
+                log.exception("handler failed", queue=sub.queue)
+                await self._fail(sub, message, reason="handler_error", error=exc, retry=True,
+                                 received_at=received_at, started=started, event=event)
                 return
             await message.ack()
             log.debug("delivery handled", queue=sub.queue, duplicate=duplicate,
@@ -278,7 +340,8 @@ class ServiceRunner(Generic[StoreT]):
 
     def _receipt(self, sub: Subscription[StoreT], event: Event | None, outcome: str,
                  error: str | None, received_at: datetime, started: float,
-                 message: AbstractIncomingMessage | None = None) -> DeliveryReceipt:
+                 message: AbstractIncomingMessage | None = None, attempt: int | None = None
+                 ) -> DeliveryReceipt:
         correlation = event.correlation_id if event else (message.correlation_id
                                                           if message else None)
         return DeliveryReceipt(
@@ -292,55 +355,71 @@ class ServiceRunner(Generic[StoreT]):
             error=error,
             received_at=received_at,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            attempt=attempt,
             correlation_id=correlation,
             causation_id=event.event_id if event else None,
             producer=self.spec.name,
         )
 
-    async def _dead_letter(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
-                           *, reason: str, error: BaseException, received_at: datetime,
-                           started: float, event: Event | None = None) -> None:
-        """Park the delivery, as received, in `<queue>.dlq` with why; then ack it.
+    async def _fail(self, sub: Subscription[StoreT], message: AbstractIncomingMessage, *,
+                    reason: str, error: BaseException, retry: bool, received_at: datetime,
+                    started: float, event: Event | None = None) -> None:
+        """Send a failed delivery, as received, to its next delay queue or to `<queue>.dlq`.
 
-        If the dead-letter publish is not confirmed, the delivery is returned to its queue
-        instead: it is never acked without a copy somewhere.
+        The broker does the waiting (a delay queue dead-letters back into the queue when its
+        TTL expires), so a handler never sleeps. The attempt count travels in our own
+        `x-attempts` header: `x-death` counts changed in RabbitMQ 3.13. Only after the copy
+        is confirmed is the delivery acked; if it cannot be, the delivery is returned to
+        its queue instead, so there is always one copy somewhere.
         """
         rt = self.runtime
         if rt.publisher is None:
             raise RuntimeError("the service is not started")
-        failed_at = utcnow().isoformat()
-        headers: dict[str, Any] = dict(message.headers or {})
+        now = utcnow().isoformat()
+        old = dict(message.headers or {})
+        attempts = _int(old.get("x-attempts")) + 1
+        headers: dict[str, Any] = {k: v for k, v in old.items() if k not in _BROKER_HEADERS}
         headers.update({
             "x-error-reason": reason,
             "x-exception-type": type(error).__name__,
             "x-exception-message": str(error)[:2000],
-            "x-failed-at": failed_at,
-            "x-first-failed-at": headers.get("x-first-failed-at", failed_at),
+            "x-failed-at": now,
+            "x-first-failed-at": old.get("x-first-failed-at") or now,
             "x-service": self.spec.name,
             "x-original-queue": sub.queue,
-            "x-original-exchange": message.exchange or "",
-            "x-attempts": int(headers.get("x-attempts", 0) or 0) + 1,
+            "x-original-exchange": old.get("x-original-exchange") or message.exchange or "",
+            "x-attempts": attempts,
         })
-        dlq = self.topology.dlq(sub.queue)
+        retrying = retry and attempts <= len(self.topology.retry_delays)
+        if retrying:
+            exchange, target = "", self.topology.retry_queue(sub.queue, attempts)
+        else:
+            if retry:
+                headers["x-error-reason"] = "retries_exhausted"
+            exchange, target = self.topology.dead_letter_exchange, self.topology.dlq(sub.queue)
         try:
-            await rt.publisher.publish_raw(self.topology.dead_letter_exchange, dlq,
-                                           message.body, headers, message)
+            await rt.publisher.publish_raw(exchange, target, message.body, headers, message)
         except Exception:
-            log.exception("could not dead-letter; returning the delivery to its queue",
-                          queue=sub.queue)
+            log.exception("could not park the failed delivery; returning it to its queue",
+                          queue=sub.queue, target=target)
             await message.nack(requeue=True)
             return
         await message.ack()
-        log.warning("delivery dead-lettered", queue=sub.queue, dlq=dlq, reason=reason,
-                    error=str(error)[:500])
+        if retrying:
+            log.warning("delivery failed; will retry", queue=sub.queue, attempt=attempts,
+                        retry_in=self.topology.retry_delays[attempts - 1], error=str(error)[:500])
+        else:
+            log.error("delivery dead-lettered", queue=sub.queue, dlq=target,
+                      reason=headers["x-error-reason"], attempts=attempts,
+                      error=str(error)[:500])
         if sub.receipts:
-            receipt = self._receipt(sub, event, "dead_lettered",
+            receipt = self._receipt(sub, event, "retried" if retrying else "dead_lettered",
                                     f"{type(error).__name__}: {error}"[:2000], received_at,
-                                    started, message)
+                                    started, message, attempt=attempts)
             try:
                 await rt.execute(_constant(receipt))
             except Exception:
-                log.exception("could not record the dead-letter receipt")
+                log.exception("could not record the receipt of a failed delivery")
 
     async def _announce_forever(self) -> None:
         consumes = {
@@ -358,14 +437,27 @@ class ServiceRunner(Generic[StoreT]):
             await asyncio.sleep(self.settings.announce_interval)  # a heartbeat, not a wait
 
     async def stop(self) -> None:
-        """Stop taking deliveries, let in-flight ones finish, flush the outbox, close."""
+        """Stop taking deliveries, let in-flight ones finish, flush the outbox, close.
+
+        Handlers still running after the timeout are cancelled; their deliveries were never
+        acked, so closing the channel returns them to the queue.
+        """
         rt = self.runtime
-        for queue, tag in self._queues:
+        for _channel, queue, tag in self._consumers.values():
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
-        self._queues.clear()
         if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=self.shutdown_timeout)
+            _, late = await asyncio.wait(set(self._in_flight), timeout=self.shutdown_timeout)
+            if late:
+                log.warning("handlers still running at shutdown; returning their deliveries",
+                            count=len(late))
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+        for channel, _queue, _tag in self._consumers.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._consumers.clear()
         if rt.relay is not None and rt.broker_ok():
             rt.relay.wake()
             await rt.relay.wait_idle(5)
@@ -378,6 +470,21 @@ class ServiceRunner(Generic[StoreT]):
                 await rt.connection.close()
         await rt.engine.dispose()
         log.info("service stopped")
+
+
+#: Headers the broker sets on a delivery; a copy we publish starts without them.
+_BROKER_HEADERS = frozenset({"x-death", "x-first-death-exchange", "x-first-death-queue",
+                             "x-first-death-reason", "x-last-death-exchange",
+                             "x-last-death-queue", "x-last-death-reason", "x-delivery-count"})
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int | str | bytes):
+        try:
+            return int(value)
+        except ValueError:
+            return 0
+    return 0
 
 
 def _constant(event: Event) -> Work:

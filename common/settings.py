@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _shared(name: str) -> AliasChoices:
@@ -42,9 +42,45 @@ class ServiceSettings(BaseSettings):
         60.0, gt=0, validation_alias=_shared("SHOP_ANNOUNCE_INTERVAL"),
         description="Seconds between a subscriber's re-announcements.")
 
+    retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
+        (1.0, 10.0, 60.0), validation_alias=_shared("SHOP_RETRY_DELAYS"),
+        description="Seconds before each retry of a failing delivery, comma-separated; "
+                    "after the last one it is dead-lettered.")
+    delivery_limit: int = Field(
+        10, ge=2, le=1000, validation_alias=_shared("SHOP_DELIVERY_LIMIT"),
+        description="Deliveries of one message (consumer crashes, lost connections) before "
+                    "the broker dead-letters it (quorum x-delivery-limit).")
+    retention_hours: float = Field(
+        168.0, gt=0, validation_alias=_shared("SHOP_RETENTION_HOURS"),
+        description="Sent outbox rows and handled-event records are kept this long.")
+    shutdown_timeout: float = Field(
+        10.0, gt=0, validation_alias=_shared("SHOP_SHUTDOWN_TIMEOUT"),
+        description="Seconds in-flight handlers get to finish on SIGTERM.")
+    consumer_check_interval: float = Field(
+        5.0, gt=0, validation_alias=_shared("SHOP_CONSUMER_CHECK_INTERVAL"),
+        description="Seconds between checks that every queue still has our consumer.")
+
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL; default an SQLite file in the data folder.")
     prefetch: int = Field(32, ge=1, le=10_000, description="Unacked deliveries per consumer.")
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return tuple(float(part) for part in value.split(",") if part.strip())
+            except ValueError as exc:
+                raise ValueError(f"SHOP_RETRY_DELAYS must be seconds separated by commas, "
+                                 f"like 1,10,60; got {value!r}") from exc
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("every retry delay must be more than 0 seconds")
+        return value
 
     def db_url(self) -> str:
         if self.database_url:

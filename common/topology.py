@@ -6,15 +6,21 @@ import re
 from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, FieldValue
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from common.events import Event
 
-# Classic queues, durable. Quorum queues are the choice once delivery limits and replication
-# matter (issue: delivery guarantees); switching an existing queue's type needs a migration,
-# which is why the clash below says how to do one.
-QUEUE_ARGUMENTS: dict[str, str] = {}
+# Quorum queues, chosen deliberately (README, "Queues"): they are RabbitMQ's durable,
+# replicated queue type on 3.10 to 4.x, and their delivery limit stops a message that kills
+# its consumer every time from looping forever. 3.10 has no default limit and 4.0 sets 20,
+# so we always set our own. Dead-lettering is at-least-once, which needs reject-publish.
+QUORUM: dict[str, FieldValue] = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+DEFAULT_DELIVERY_LIMIT = 10
 
 
 class TopologyError(RuntimeError):
@@ -26,6 +32,10 @@ class Topology:
     """Every name the system uses, under an optional prefix shared by one deployment."""
 
     prefix: str = ""
+    #: Deliveries of one message (crashes, lost connections) before the broker parks it.
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    #: Seconds between attempts of a failing delivery, one delay queue each.
+    retry_delays: tuple[float, ...] = (1.0, 10.0, 60.0)
     #: What this process declared, so tests can delete it afterwards.
     declared_exchanges: list[str] = field(default_factory=list)
     declared_queues: list[str] = field(default_factory=list)
@@ -38,6 +48,15 @@ class Topology:
 
     def dlq(self, queue: str) -> str:
         return f"{queue}.dlq"
+
+    def retry_queue(self, queue: str, attempt: int) -> str:
+        """The delay queue a delivery waits in after its `attempt`-th failure (from 1)."""
+        return f"{queue}.retry.{_seconds(self.retry_delays[attempt - 1])}"
+
+    def service_queues(self, queue: str) -> list[str]:
+        """A subscriber queue and every queue that belongs to it."""
+        return [queue, self.dlq(queue), *(self.retry_queue(queue, n)
+                                         for n in range(1, len(self.retry_delays) + 1))]
 
     @property
     def audit_exchange(self) -> str:
@@ -68,31 +87,40 @@ class Topology:
                                            aio_pika.ExchangeType.FANOUT)
 
     async def declare_queue(self, channel: AbstractChannel, name: str,
-                            dead_letter: bool = True) -> AbstractQueue:
-        arguments: dict[str, str] = dict(QUEUE_ARGUMENTS)
-        if dead_letter:
-            # A message the broker rejects (reject without requeue, expiry) lands in our
-            # dead-letter queue too, never vanishes.
-            arguments["x-dead-letter-exchange"] = self.dead_letter_exchange
-            arguments["x-dead-letter-routing-key"] = self.dlq(name)
+                            arguments: dict[str, FieldValue]) -> AbstractQueue:
         try:
             queue = await channel.declare_queue(name, durable=True,
-                                                arguments=dict(arguments))
+                                                arguments={**QUORUM, **arguments})
         except ChannelPreconditionFailed as exc:
             raise TopologyError(_clash("queue", name, exc)) from exc
         self._remember(self.declared_queues, name)
         return queue
 
     async def declare_subscriber_queue(self, channel: AbstractChannel, queue_name: str,
-                                       exchange: AbstractExchange,
-                                       routing_key: str = "") -> AbstractQueue:
-        """The subscriber's queue, its dead-letter queue, and the binding; idempotent."""
+                                       exchange: AbstractExchange) -> AbstractQueue:
+        """The subscriber's queue, its dead-letter and delay queues, and the binding.
+
+        Idempotent. A delivery the broker gives up on (delivery limit) is dead-lettered to
+        `<queue>.dlq`; each delay queue expires its messages back into the queue.
+        """
         dlx = await self.declare_exchange(channel, self.dead_letter_exchange,
                                           aio_pika.ExchangeType.DIRECT)
-        dlq = await self.declare_queue(channel, self.dlq(queue_name), dead_letter=False)
+        dlq = await self.declare_queue(channel, self.dlq(queue_name), {})
         await dlq.bind(dlx, routing_key=dlq.name)
-        queue = await self.declare_queue(channel, queue_name)
-        await queue.bind(exchange, routing_key=routing_key)
+        for attempt, delay in enumerate(self.retry_delays, start=1):
+            # Through the default exchange straight back to this queue only, not the
+            # fanout (the other subscribers already have their copy).
+            await self.declare_queue(channel, self.retry_queue(queue_name, attempt), {
+                "x-message-ttl": int(delay * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue_name,
+            })
+        queue = await self.declare_queue(channel, queue_name, {
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+            "x-dead-letter-routing-key": self.dlq(queue_name),
+        })
+        await queue.bind(exchange, routing_key="")
         return queue
 
     @staticmethod
@@ -105,6 +133,10 @@ _DELETE_HOW = {
     "queue": "`rabbitmqctl delete_queue {name}` or the management UI",
     "exchange": "`rabbitmqadmin delete exchange name={name}` or the management UI",
 }
+
+
+def _seconds(delay: float) -> str:
+    return f"{delay:g}s"
 
 
 def _clash(kind: str, name: str, exc: ChannelPreconditionFailed) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -12,7 +11,8 @@ from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from common.db import create_tables, make_engine
+from common.cli_support import fail, print_json
+from common.db import run_with_store
 from common.events import Sku
 from inventory_service.settings import InventorySettings
 from inventory_service.store import StockBelowReservedError, StockLevel, StockStore, metadata
@@ -26,24 +26,9 @@ app.add_typer(stock_app, name="stock")
 _SKU = TypeAdapter(Sku)
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"Error: {message}", err=True)
-    return typer.Exit(code=1)
-
-
 def _run(work: Callable[[StockStore], Awaitable[T]]) -> T:
     """Run `work` in one transaction on inventory's own database."""
-
-    async def main() -> T:
-        engine = make_engine(InventorySettings().db_url())
-        try:
-            await create_tables(engine, metadata)
-            async with engine.begin() as conn:
-                return await work(StockStore(conn))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+    return run_with_store(InventorySettings().db_url(), metadata, StockStore, work)
 
 
 def _as_dict(level: StockLevel) -> dict[str, object]:
@@ -63,12 +48,12 @@ def set_stock(
     try:
         sku = _SKU.validate_python(sku)
     except ValidationError:
-        raise _fail(f"invalid SKU {sku!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                    "starting with a letter or digit") from None
+        raise fail(f"invalid SKU {sku!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                   "starting with a letter or digit") from None
     try:
         level = _run(lambda store: store.set_stock(sku, quantity))
     except StockBelowReservedError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(_as_dict(level)))
     else:
@@ -83,7 +68,7 @@ def list_stock(
     """List the stock of every SKU."""
     levels = _run(lambda store: store.list_stock())
     if as_json:
-        typer.echo(json.dumps([_as_dict(level) for level in levels], indent=2))
+        print_json([_as_dict(level) for level in levels])
         return
     if not levels:
         typer.echo("No stock yet: add some with `shop inventory stock set SKU QUANTITY`.")

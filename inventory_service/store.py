@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from common.db import UTCDateTime
 from common.events import ReservedLine
 
 metadata = sa.MetaData()
@@ -27,7 +28,7 @@ stock = sa.Table(
     sa.Column("sku", sa.String(64), primary_key=True),
     sa.Column("on_hand", sa.Integer, nullable=False),
     sa.Column("reserved", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.CheckConstraint("on_hand >= 0", name="stock_on_hand_not_negative"),
     sa.CheckConstraint("reserved >= 0", name="stock_reserved_not_negative"),
     sa.CheckConstraint("reserved <= on_hand", name="stock_not_oversold"),
@@ -41,7 +42,7 @@ reservations = sa.Table(
     sa.Column("order_id", sa.Uuid, primary_key=True),
     sa.Column("sku", sa.String(64), sa.ForeignKey("stock.sku"), primary_key=True),
     sa.Column("quantity", sa.Integer, sa.CheckConstraint("quantity >= 1"), nullable=False),
-    sa.Column("reserved_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reserved_at", UTCDateTime(), nullable=False),
 )
 
 #: The demo catalogue loaded into an empty stock table (SKU -> units on hand).
@@ -77,11 +78,6 @@ class StockLevel:
     @property
     def available(self) -> int:
         return self.on_hand - self.reserved
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite hands timestamps back without their zone; every one we store is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class StockStore:
@@ -184,13 +180,13 @@ class StockStore:
         if row is None:
             return None
         return StockLevel(sku=row.sku, on_hand=row.on_hand, reserved=row.reserved,
-                          updated_at=_utc(row.updated_at))
+                          updated_at=row.updated_at)
 
     async def list_stock(self) -> list[StockLevel]:
         """Every SKU, sorted."""
         rows = await self._conn.execute(sa.select(stock).order_by(stock.c.sku))
         return [StockLevel(sku=row.sku, on_hand=row.on_hand, reserved=row.reserved,
-                           updated_at=_utc(row.updated_at)) for row in rows]
+                           updated_at=row.updated_at) for row in rows]
 
 
 async def seed_catalogue(engine: AsyncEngine) -> None:

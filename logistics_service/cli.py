@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -12,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.db import create_tables, make_engine
+from common.cli_support import fail, print_json
+from common.db import run_with_store
 from logistics_service.domain import Shipment
 from logistics_service.settings import LogisticsSettings
 from logistics_service.store import ShipmentStore, metadata
@@ -26,17 +25,7 @@ app.add_typer(shipments_app, name="shipments")
 
 def _run(work: Callable[[ShipmentStore], Awaitable[T]]) -> T:
     """Run `work` in one transaction on logistics' own database."""
-
-    async def main() -> T:
-        engine = make_engine(LogisticsSettings().db_url())
-        try:
-            await create_tables(engine, metadata)
-            async with engine.begin() as conn:
-                return await work(ShipmentStore(conn))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+    return run_with_store(LogisticsSettings().db_url(), metadata, ShipmentStore, work)
 
 
 def _as_dict(shipment: Shipment) -> dict[str, str]:
@@ -64,7 +53,7 @@ def list_shipments(
     """List the most recent shipments."""
     shipments = _run(lambda store: store.list_shipments(limit))
     if as_json:
-        typer.echo(json.dumps([_as_dict(s) for s in shipments], indent=2))
+        print_json([_as_dict(s) for s in shipments])
     elif not shipments:
         typer.echo("No shipments yet.")
     else:
@@ -80,13 +69,11 @@ def show_shipment(
     try:
         order = uuid.UUID(order_id)
     except ValueError:
-        typer.echo(f"Error: {order_id!r} is not an order id (expected a UUID)", err=True)
-        raise typer.Exit(code=1) from None
+        raise fail(f"{order_id!r} is not an order id (expected a UUID)") from None
     shipment = _run(lambda store: store.get(order))
     if shipment is None:
-        typer.echo(f"Error: no shipment for order {order}", err=True)
-        raise typer.Exit(code=1)
+        raise fail(f"no shipment for order {order}")
     if as_json:
-        typer.echo(json.dumps(_as_dict(shipment), indent=2))
+        print_json(_as_dict(shipment))
     else:
         Console().print(_table([shipment]))

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from common.db import UTCDateTime
 from logistics_service.domain import Shipment
 
 metadata = sa.MetaData()
@@ -22,7 +23,7 @@ shipments = sa.Table(
     sa.Column("tracking_number", sa.String(64), nullable=False),
     sa.Column("destination_country", sa.String(2), nullable=False),
     sa.Column("estimated_delivery", sa.Date, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
 )
 
 

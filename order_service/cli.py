@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from common.cli_support import print_json
 from order_service.domain import NewOrder, OutcomeKind, outcome_detail
 
 app = typer.Typer(
@@ -151,10 +152,6 @@ def _when(iso: str | None) -> str:
     return iso.replace("T", " ")[:19] + " UTC"
 
 
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2))
-
-
 # --- commands ---------------------------------------------------------------------------
 
 @app.command()
@@ -206,7 +203,7 @@ def place(
               + "\n".join(_validation_lines([dict(e) for e in exc.errors()])), BAD_INPUT)
     accepted = _check(_request(api, "POST", "/orders", json=order))
     if as_json:
-        _print_json(accepted)
+        print_json(accepted)
     else:
         typer.echo(accepted["order_id"])
 
@@ -224,7 +221,7 @@ def _status_view(status: dict[str, Any]) -> None:
     table = Table(title="Subscribers of OrderPlaced", title_justify="left")
     for column in ("subscriber", "outcome", "error", "duration", "at"):
         table.add_column(column)
-    colour = {"handled": "green", "failed": "red", "pending": "yellow"}
+    colour = {"handled": "green", "failed": "red", "retrying": "yellow", "pending": "yellow"}
     for sub in status["subscribers"]:
         name = sub["name"] if sub["expected"] else f"{sub['name']} (joined later)"
         duration = sub.get("duration_ms")
@@ -274,11 +271,12 @@ def status(
             break
         _sleep(min(POLL_INTERVAL, left))
     if as_json:
-        _print_json(current)
+        print_json(current)
     else:
         _status_view(current)
     if deadline is not None and not current["complete"]:
-        pending = [s["name"] for s in current["subscribers"] if s["status"] == "pending"]
+        pending = [s["name"] for s in current["subscribers"]
+                   if s["status"] in ("pending", "retrying")]
         _fail(f"still waiting after {wait:g}s for: {', '.join(pending)}")
 
 
@@ -291,7 +289,7 @@ def list_orders(
     """The latest orders, newest first, with how many subscribers handled each."""
     orders = _check(_request(api, "GET", "/orders", params={"limit": limit}))
     if as_json:
-        _print_json(orders)
+        print_json(orders)
         return
     table = Table()
     table.add_column("order", no_wrap=True)
@@ -313,7 +311,7 @@ def subscribers(api: Api = DEFAULT_API, as_json: AsJson = False) -> None:
     """The subscriber registry: every service that announced itself, and what it consumes."""
     entries = _check(_request(api, "GET", "/subscribers"))
     if as_json:
-        _print_json(entries)
+        print_json(entries)
         return
     table = Table()
     table.add_column("subscriber")

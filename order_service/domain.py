@@ -112,8 +112,13 @@ def advance(current: OrderState, seen: OrderState) -> OrderState:
 
 # --- fan-out status ---------------------------------------------------------------------
 
-ReceiptOutcome = Literal["handled", "duplicate", "dead_lettered"]
-SubscriberOutcome = Literal["handled", "failed", "pending"]
+ReceiptOutcome = Literal["handled", "duplicate", "retried", "dead_lettered", "replayed"]
+SubscriberOutcome = Literal["handled", "failed", "retrying", "pending"]
+
+#: What a subscriber's latest unsuccessful receipt makes of it: a delivery waiting in a delay
+#: queue is retrying; one sent back from the dead-letter queue is pending again.
+_UNSUCCESSFUL: dict[str, SubscriberOutcome] = {
+    "dead_lettered": "failed", "retried": "retrying", "replayed": "pending"}
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,9 @@ class SubscriberStatus(BaseModel):
 
     name: str = Field(description="The subscribing service.", examples=["inventory"])
     expected: bool = Field(description="Registered for OrderPlaced when the order was placed.")
-    status: SubscriberOutcome = Field(description="handled, failed (dead-lettered) or pending.")
+    status: SubscriberOutcome = Field(
+        description="handled; failed (in its dead-letter queue); retrying (failed, waiting in a "
+                    "delay queue); or pending (no answer yet, or replayed from the DLQ).")
     outcome: ReceiptOutcome | None = Field(
         default=None, description="The receipt the status comes from, if any.")
     error: str | None = Field(default=None, description="Why it failed, when it did.")
@@ -165,7 +172,7 @@ def _decisive(receipts: list[Receipt]) -> Receipt:
     later and handled is handled, and a redelivery of a handled event (duplicate) does not
     undo it. Among failures, the latest tells the current error.
     """
-    successes = [r for r in receipts if r.outcome != "dead_lettered"]
+    successes = [r for r in receipts if r.outcome not in _UNSUCCESSFUL]
     pool = successes or receipts
     return max(pool, key=lambda r: r.at)
 
@@ -190,14 +197,14 @@ def fan_out(expected: Iterable[str], receipts: Iterable[Receipt]) -> FanOut:
         statuses.append(SubscriberStatus(
             name=name,
             expected=name in expected_set,
-            status="failed" if receipt.outcome == "dead_lettered" else "handled",
+            status=_UNSUCCESSFUL.get(receipt.outcome, "handled"),
             outcome=receipt.outcome,
             error=receipt.error,
             at=receipt.at,
             duration_ms=receipt.duration_ms,
         ))
     return FanOut(subscribers=tuple(statuses),
-                  complete=all(s.status != "pending" for s in statuses))
+                  complete=all(s.status in ("handled", "failed") for s in statuses))
 
 
 # --- what the API and the CLI show ------------------------------------------------------

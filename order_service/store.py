@@ -10,9 +10,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from common.db import UTCDateTime
 from common.events import DeliveryReceipt, OrderPlaced, SubscriberAnnounced
 from order_service.domain import (
     FanOut,
@@ -29,26 +29,6 @@ from order_service.domain import (
 )
 
 metadata = sa.MetaData()
-
-
-class UTCDateTime(sa.TypeDecorator[datetime]):
-    """An aware UTC datetime on every database (SQLite would hand back naive values)."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime: store aware UTC datetimes only")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
 
 orders = sa.Table(
     "orders", metadata,

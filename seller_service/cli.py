@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -12,7 +10,8 @@ from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from common.db import create_tables, make_engine
+from common.cli_support import fail, print_json
+from common.db import run_with_store
 from common.events import SellerId
 from seller_service.settings import SellerSettings
 from seller_service.store import InboxStore, Notification, metadata
@@ -26,17 +25,7 @@ _SELLER_ID = TypeAdapter(SellerId)
 
 def _run(work: Callable[[InboxStore], Awaitable[T]]) -> T:
     """Run `work` in one transaction on the seller service's own database."""
-
-    async def main() -> T:
-        engine = make_engine(SellerSettings().db_url())
-        try:
-            await create_tables(engine, metadata)
-            async with engine.begin() as conn:
-                return await work(InboxStore(conn))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+    return run_with_store(SellerSettings().db_url(), metadata, InboxStore, work)
 
 
 def _as_dict(note: Notification) -> dict[str, object]:
@@ -63,12 +52,11 @@ def inbox(
     try:
         seller = _SELLER_ID.validate_python(seller_id)
     except ValidationError:
-        typer.echo(f"Error: invalid seller id {seller_id!r}: use 1-64 letters, digits, '.', "
-                   "'_' or '-', starting with a letter or digit", err=True)
-        raise typer.Exit(code=1) from None
+        raise fail(f"invalid seller id {seller_id!r}: use 1-64 letters, digits, '.', "
+                   "'_' or '-', starting with a letter or digit") from None
     notes = _run(lambda store: store.inbox(seller, limit))
     if as_json:
-        typer.echo(json.dumps([_as_dict(note) for note in notes], indent=2))
+        print_json([_as_dict(note) for note in notes])
         return
     if not notes:
         typer.echo(f"The inbox of {seller} is empty.")

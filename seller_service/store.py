@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from common.db import UTCDateTime
 from common.events import OrderLine
 from seller_service.domain import SellerLines
 
@@ -30,7 +31,7 @@ notifications = sa.Table(
     # through float; the currency sits beside the amount.
     sa.Column("total", sa.String(32), nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
     # One notification per seller per order: a second one is a bug, refused here.
     sa.UniqueConstraint("seller_id", "order_id", name="notifications_one_per_seller_order"),
     sa.Index("notifications_by_seller", "seller_id", "created_at"),
@@ -86,9 +87,7 @@ class InboxStore:
                 lines=_LINES.validate_python(json.loads(row.lines)),
                 total=Decimal(row.total),
                 currency=row.currency,
-                # SQLite hands timestamps back without their zone; every one we store is UTC.
-                created_at=(row.created_at if row.created_at.tzinfo
-                            else row.created_at.replace(tzinfo=UTC)),
+                created_at=row.created_at,
             )
             for row in rows
         ]

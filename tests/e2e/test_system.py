@@ -18,6 +18,8 @@ import aio_pika
 import httpx
 import pytest
 
+from tests.cleanup import sweep_prefix
+
 pytestmark = pytest.mark.e2e
 
 ADDRESS = ["--name", "Ada Lovelace", "--street", "12 Analytical Row", "--city", "Berlin",
@@ -63,7 +65,8 @@ def poll(probe: Any, *, timeout: float, what: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory, amqp_url: str) -> Iterator[System]:
+def system(tmp_path_factory: pytest.TempPathFactory, amqp_url: str,
+           management_url: str) -> Iterator[System]:
     tmp = tmp_path_factory.mktemp("system")
     port = free_port()
     prefix = f"e2e{os.getpid()}{port}."
@@ -102,24 +105,7 @@ def system(tmp_path_factory: pytest.TempPathFactory, amqp_url: str) -> Iterator[
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-        _cleanup_broker(env)
-
-
-def _cleanup_broker(env: dict[str, str]) -> None:
-    """Delete the queues and exchanges this run declared (they all carry its prefix)."""
-    prefix = env["SHOP_NAME_PREFIX"]
-    try:
-        response = httpx.get("http://127.0.0.1:15672/api/queues", auth=("guest", "guest"),
-                             timeout=5)
-        exchanges = httpx.get("http://127.0.0.1:15672/api/exchanges", auth=("guest", "guest"),
-                              timeout=5)
-    except httpx.HTTPError:
-        return  # no management API: the prefixed names stay, harmless to other runs
-    for kind, listing in (("queues", response), ("exchanges", exchanges)):
-        for item in listing.json():
-            if item["name"].startswith(prefix):
-                httpx.delete(f"http://127.0.0.1:15672/api/{kind}/%2F/{item['name']}",
-                             auth=("guest", "guest"), timeout=5)
+        sweep_prefix(management_url, prefix)
 
 
 def place_with_cli(system: System, *items: str) -> str:
@@ -227,32 +213,25 @@ def test_bad_cli_input_is_refused_and_nothing_is_placed(system: System) -> None:
 
 
 def test_a_queue_declared_differently_stops_the_service_with_a_clear_message(
-        amqp_url: str, tmp_path: Path) -> None:
+        amqp_url: str, management_url: str, tmp_path: Path) -> None:
     """A clash with the broker's queue (PRECONDITION_FAILED) exits non-zero, naming the queue."""
     prefix = f"clash{os.getpid()}."
     queue = f"{prefix}seller.order.placed"
 
-    async def declare(delete: bool) -> None:
+    async def declare() -> None:
         connection = await aio_pika.connect(amqp_url)
         channel = await connection.channel()
-        if delete:
-            for name in (queue, f"{queue}.dlq", f"{prefix}audit.tracker",
-                         f"{prefix}audit.tracker.dlq"):
-                await channel.queue_delete(name)
-            for name in ("order.placed", "audit", "dead-letter"):
-                await channel.exchange_delete(prefix + name)
-        else:
-            await channel.declare_queue(queue, durable=True, arguments={"x-max-length": 5})
+        await channel.declare_queue(queue, durable=True, arguments={"x-max-length": 5})
         await connection.close()
 
-    asyncio.run(declare(delete=False))
+    asyncio.run(declare())
     try:
         env = {**os.environ, "AMQP_URL": amqp_url, "SHOP_NAME_PREFIX": prefix,
                "SHOP_DATA_DIR": str(tmp_path), "LOG_FORMAT": "json"}
         result = subprocess.run([sys.executable, "-m", "seller_service"], env=env,
                                 capture_output=True, text=True, timeout=60, check=False)
     finally:
-        asyncio.run(declare(delete=True))
+        sweep_prefix(management_url, prefix)
     assert result.returncode != 0
     assert repr(queue) in result.stderr
     assert "To migrate" in result.stderr

@@ -24,7 +24,7 @@ async def amqp(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnec
 
 
 @pytest.fixture
-async def start_service(amqp_url: str, name_prefix: str, tmp_path: Path
+async def start_service(amqp_url: str, management_url: str, name_prefix: str, tmp_path: Path
                         ) -> AsyncIterator[StartService]:
     """Start services in-process; stop them and delete everything they declared afterwards."""
     runners: list[ServiceRunner[Any]] = []
@@ -39,4 +39,4 @@ async def start_service(amqp_url: str, name_prefix: str, tmp_path: Path
     yield start
     for runner in reversed(runners):
         await runner.stop()
-    await delete_topology(amqp_url, [r.topology for r in runners], name_prefix)
+    await delete_topology(amqp_url, [r.topology for r in runners], name_prefix, management_url)

@@ -13,6 +13,7 @@ import aio_pika
 from common.runner import Runtime
 from common.settings import ServiceSettings
 from common.topology import Topology
+from tests.cleanup import sweep_prefix
 
 T = TypeVar("T")
 
@@ -40,6 +41,9 @@ def settings_for(cls: type[ServiceSettings], amqp_url: str, prefix: str, tmp_pat
         "amqp_url": amqp_url, "name_prefix": prefix, "log_format": "console",
         "database_url": f"sqlite+aiosqlite:///{tmp_path / (cls.service_name + '.db')}",
         "announce_interval": 3600.0,
+        # Short delays so retry paths finish in a test's time; they still grow.
+        "retry_delays": (0.2, 0.6),
+        "consumer_check_interval": 0.5,
     }
     values.update(overrides)
     return cls(**values)
@@ -47,7 +51,8 @@ def settings_for(cls: type[ServiceSettings], amqp_url: str, prefix: str, tmp_pat
 
 
 
-async def delete_topology(amqp_url: str, topologies: list[Topology], prefix: str) -> None:
+async def delete_topology(amqp_url: str, topologies: list[Topology], prefix: str,
+                          management_url: str | None = None) -> None:
     """Delete every queue and exchange the test declared (all carry the test's prefix)."""
     queues = {q for t in topologies for q in t.declared_queues}
     exchanges = {e for t in topologies for e in t.declared_exchanges}
@@ -64,3 +69,5 @@ async def delete_topology(amqp_url: str, topologies: list[Topology], prefix: str
                 await channel.exchange_delete(name)
     finally:
         await connection.close()
+    if management_url is not None:
+        await asyncio.to_thread(sweep_prefix, management_url, prefix)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from decimal import Decimal
 from typing import Any
 
 import aio_pika
@@ -15,10 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.broker import Publisher, UnroutableError, message_for
 from common.events import (
-    Address,
     DeliveryReceipt,
     Event,
-    OrderLine,
     OrderPlaced,
     ReservedLine,
     StockReserved,
@@ -26,6 +23,7 @@ from common.events import (
 from common.runner import Runtime
 from common.service import ServiceSpec
 from common.topology import Topology, TopologyError
+from tests.factories import make_order
 from tests.integration.support import StartService, delete_topology, wait_for
 
 pytestmark = pytest.mark.integration
@@ -60,14 +58,7 @@ PROBE = ServiceSpec(name="probe", handlers={OrderPlaced: record_order}, store=Pr
 
 
 def an_order(customer: str = "cust-1") -> OrderPlaced:
-    order_id = uuid.uuid4()
-    return OrderPlaced(
-        order_id=order_id, customer_id=customer, correlation_id=str(order_id), producer="test",
-        lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=Decimal("2.50"), seller_id="s1"),),
-        currency="EUR", total=Decimal("5.00"),
-        shipping_address=Address(name="A", street="B 1", city="C", postal_code="1",
-                                 country="DE"),
-    )
+    return make_order(customer=customer, producer="test")
 
 
 async def effect_count(runtime: Runtime[Any], order_id: uuid.UUID | None = None) -> int:
@@ -150,9 +141,9 @@ async def test_malformed_and_wrong_schema_messages_are_dead_lettered(
     assert by_id["bad-schema"].headers["x-original-queue"] == queue
 
 
-async def test_a_failing_handler_is_dead_lettered_with_its_error(
+async def test_a_handler_that_always_fails_is_retried_then_dead_lettered(
         start_service: StartService, amqp: aio_pika.abc.AbstractConnection) -> None:
-    """A handler exception parks the delivery in the DLQ with the error; the runner goes on."""
+    """Each retry waits in a delay queue; after the last, the DLQ holds it with the reason."""
     runtime = await start_service(PROBE)
     queue = runtime.topology.queue("probe", OrderPlaced)
     bad, good = an_order("explode"), an_order()
@@ -160,10 +151,71 @@ async def test_a_failing_handler_is_dead_lettered_with_its_error(
     await wait_for(lambda: effect_count(runtime, good.order_id), what="the good order")
     (dead,) = await dlq_messages(amqp, queue, 1)
     assert dead.message_id == str(bad.event_id)
+    assert dead.headers["x-error-reason"] == "retries_exhausted"
     assert dead.headers["x-exception-type"] == "RuntimeError"
+    assert "the probe refuses" in str(dead.headers["x-exception-message"])
+    assert dead.headers["x-attempts"] == 3  # the first try and two retries
     assert dead.headers["x-service"] == "probe"
+    assert str(dead.headers["x-first-failed-at"]) <= str(dead.headers["x-failed-at"])
     assert OrderPlaced.model_validate_json(dead.body) == bad
     assert await effect_count(runtime, bad.order_id) == 0
+
+
+FLAKY_FAILURES: dict[uuid.UUID, int] = {}
+
+
+async def flaky(event: OrderPlaced, store: ProbeStore) -> Sequence[Event]:
+    """Fails the first two deliveries of each order, then records it."""
+    seen = FLAKY_FAILURES.get(event.order_id, 0)
+    if seen < 2:
+        FLAKY_FAILURES[event.order_id] = seen + 1
+        raise ConnectionError(f"downstream unavailable (failure {seen + 1})")
+    await store.record(event.order_id)
+    return []
+
+
+FLAKY = ServiceSpec(name="flaky", handlers={OrderPlaced: flaky}, store=ProbeStore,
+                    metadata=probe_metadata)
+
+
+async def test_a_handler_that_fails_twice_then_succeeds_is_handled_once_after_growing_delays(
+        start_service: StartService, amqp: aio_pika.abc.AbstractConnection) -> None:
+    """Fails k=2 times, then succeeds: one effect; the waits between attempts grow."""
+    runtime = await start_service(FLAKY)
+    order = an_order()
+    await publish(runtime, order)
+    await wait_for(lambda: effect_count(runtime, order.order_id), what="the effect",
+                   timeout=15)
+    receipts = await audit_receipts(amqp, runtime, str(order.event_id), 3)
+    assert [r.outcome for r in receipts] == ["retried", "retried", "handled"]
+    assert [r.attempt for r in receipts[:2]] == [1, 2]
+    first_wait = (receipts[1].received_at - receipts[0].received_at).total_seconds()
+    second_wait = (receipts[2].received_at - receipts[1].received_at).total_seconds()
+    assert first_wait >= 0.2
+    assert second_wait >= 0.6
+    assert second_wait > first_wait
+    assert await effect_count(runtime, order.order_id) == 1
+
+
+async def audit_receipts(broker: aio_pika.abc.AbstractConnection, runtime: Runtime[Any],
+                         event_id: str, expected: int) -> list[DeliveryReceipt]:
+    """The receipts for one event on the audit queue, in arrival order."""
+    channel = await broker.channel()
+    audit = await channel.declare_queue(runtime.topology.audit_queue, passive=True)
+    found: list[DeliveryReceipt] = []
+
+    async def collect() -> bool:
+        message = await audit.get(fail=False)
+        if message is not None:
+            await message.ack()
+            if message.type == "DeliveryReceipt":
+                receipt = DeliveryReceipt.model_validate_json(message.body)
+                if receipt.handled_event_id == event_id:
+                    found.append(receipt)
+        return len(found) >= expected
+
+    await wait_for(collect, what=f"{expected} receipts for {event_id}", timeout=15)
+    return sorted(found, key=lambda r: r.received_at)
 
 
 async def test_receipts_say_what_each_delivery_became(
@@ -189,11 +241,13 @@ async def test_receipts_say_what_each_delivery_became(
     assert receipts[str(good.event_id)].outcome == "handled"
     assert receipts[str(good.event_id)].subscriber == "probe"
     assert receipts[str(good.event_id)].correlation_id == str(good.order_id)
-    assert receipts[str(bad.event_id)].outcome == "dead_lettered"
+    assert receipts[str(bad.event_id)].outcome == "retried"  # its first failure
+    assert receipts[str(bad.event_id)].attempt == 1
     assert "the probe refuses" in (receipts[str(bad.event_id)].error or "")
 
 
-async def test_an_unroutable_publish_raises(amqp_url: str, name_prefix: str,
+async def test_an_unroutable_publish_raises(amqp_url: str, management_url: str,
+                                            name_prefix: str,
                                             amqp: aio_pika.abc.AbstractRobustConnection
                                             ) -> None:
     """A persistent, mandatory publish with no queue bound raises instead of vanishing."""
@@ -205,7 +259,7 @@ async def test_an_unroutable_publish_raises(amqp_url: str, name_prefix: str,
         with pytest.raises(UnroutableError, match="no queue is bound"):
             await publisher.publish(event)
     finally:
-        await delete_topology(amqp_url, [topology], name_prefix)
+        await delete_topology(amqp_url, [topology], name_prefix, management_url)
 
 
 async def test_the_message_carries_the_envelope_in_its_properties() -> None:
@@ -222,7 +276,8 @@ async def test_the_message_carries_the_envelope_in_its_properties() -> None:
 
 
 async def test_a_declaration_clash_stops_with_a_clear_error(
-        amqp_url: str, name_prefix: str, amqp: aio_pika.abc.AbstractRobustConnection) -> None:
+        amqp_url: str, management_url: str, name_prefix: str,
+        amqp: aio_pika.abc.AbstractRobustConnection) -> None:
     """A queue that exists with other arguments gives an error naming it and how to migrate."""
     topology = Topology(name_prefix)
     name = topology.queue("probe", OrderPlaced)
@@ -231,10 +286,10 @@ async def test_a_declaration_clash_stops_with_a_clear_error(
     topology.declared_queues.append(name)
     try:
         with pytest.raises(TopologyError) as caught:
-            await topology.declare_queue(await amqp.channel(), name)
+            await topology.declare_queue(await amqp.channel(), name, {})
         message = str(caught.value)
         assert repr(name) in message
-        assert "x-dead-letter-exchange" in message or "x-max-length" in message
+        assert "x-max-length" in message or "x-queue-type" in message
         assert "To migrate" in message
     finally:
-        await delete_topology(amqp_url, [topology], name_prefix)
+        await delete_topology(amqp_url, [topology], name_prefix, management_url)

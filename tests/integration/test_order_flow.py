@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.events import Address, Event, OrderLine, OrderPlaced
+from common.events import Event, OrderPlaced
 from common.runner import Runtime
 from common.service import ServiceSpec
 from inventory_service.__main__ import SPEC as INVENTORY
@@ -27,6 +26,7 @@ from order_service.store import OrderStore
 from seller_service.__main__ import SPEC as SELLER
 from seller_service.settings import SellerSettings
 from seller_service.store import InboxStore
+from tests.factories import make_address, make_line
 from tests.integration.support import StartService, wait_for
 
 pytestmark = pytest.mark.integration
@@ -56,10 +56,9 @@ LOYALTY = ServiceSpec(name="loyalty", handlers={OrderPlaced: award_points}, stor
 def new_order(*lines: tuple[str, int, str, str]) -> NewOrder:
     return NewOrder(
         customer_id="cust-flow", currency="EUR",
-        lines=[OrderLine(sku=s, quantity=q, unit_price=Decimal(p), seller_id=seller)
-               for s, q, p, seller in lines],
-        shipping_address=Address(name="Ada", street="1 Row", city="Berlin", postal_code="10115",
-                                 country="DE"),
+        lines=[make_line(sku, quantity, price=price, seller=seller)
+               for sku, quantity, price, seller in lines],
+        shipping_address=make_address(),
     )
 
 

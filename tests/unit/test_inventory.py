@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from common.db import create_tables, make_engine
 from common.events import (
-    Address,
-    OrderLine,
     OrderPlaced,
     ReservedLine,
     StockReservationFailed,
@@ -33,26 +31,9 @@ from inventory_service.store import (
     reservations,
     seed_catalogue,
 )
+from tests.factories import make_line, make_order
 
 pytestmark = pytest.mark.unit
-
-
-def line(sku: str, quantity: int, seller: str = "seller-a", price: str = "1.00") -> OrderLine:
-    return OrderLine(sku=sku, quantity=quantity, unit_price=Decimal(price), seller_id=seller)
-
-
-def order(*lines: OrderLine) -> OrderPlaced:
-    order_id = uuid.uuid4()
-    return OrderPlaced(
-        order_id=order_id,
-        customer_id="cust-1",
-        lines=lines,
-        currency="EUR",
-        total=sum((ln.line_total for ln in lines), Decimal(0)),
-        shipping_address=Address(name="Ada", street="1 Row", city="Berlin",
-                                 postal_code="10115", country="DE"),
-        correlation_id=str(order_id),
-    )
 
 
 class FakeStockStore(StockStore):
@@ -76,7 +57,7 @@ class FakeStockStore(StockStore):
 
 def test_plan_reserves_every_line_when_all_are_in_stock() -> None:
     """Enough stock for each SKU: every SKU is reserved with the quantity asked for."""
-    plan = plan_reservation([line("A", 2), line("B", 1)], {"A": 2, "B": 5})
+    plan = plan_reservation([make_line("A", 2), make_line("B", 1)], {"A": 2, "B": 5})
     assert plan.ok
     assert plan.reserved == (ReservedLine(sku="A", quantity=2), ReservedLine(sku="B", quantity=1))
     assert plan.unreservable == ()
@@ -84,7 +65,7 @@ def test_plan_reserves_every_line_when_all_are_in_stock() -> None:
 
 def test_plan_is_all_or_nothing() -> None:
     """One SKU short: nothing is reserved, and only the short SKU is reported."""
-    plan = plan_reservation([line("A", 1), line("B", 3)], {"A": 10, "B": 2})
+    plan = plan_reservation([make_line("A", 1), make_line("B", 3)], {"A": 10, "B": 2})
     assert not plan.ok
     assert plan.reserved == ()
     [failed] = plan.unreservable
@@ -95,7 +76,7 @@ def test_plan_is_all_or_nothing() -> None:
 
 def test_plan_adds_up_lines_of_the_same_sku() -> None:
     """Two lines of one SKU draw on one stock: 3 + 2 against 4 fails, against 5 passes."""
-    lines = [line("A", 3, seller="s1"), line("A", 2, seller="s2")]
+    lines = [make_line("A", 3, seller="s1"), make_line("A", 2, seller="s2")]
     short = plan_reservation(lines, {"A": 4})
     assert [(f.sku, f.requested, f.available) for f in short.unreservable] == [("A", 5, 4)]
     enough = plan_reservation(lines, {"A": 5})
@@ -104,7 +85,7 @@ def test_plan_adds_up_lines_of_the_same_sku() -> None:
 
 def test_plan_reports_unknown_skus() -> None:
     """A SKU missing from the stock is unknown_sku, with nothing available."""
-    plan = plan_reservation([line("A", 1), line("GHOST", 2)], {"A": 1})
+    plan = plan_reservation([make_line("A", 1), make_line("GHOST", 2)], {"A": 1})
     [failed] = plan.unreservable
     assert (failed.sku, failed.requested, failed.available, failed.reason) == (
         "GHOST", 2, 0, "unknown_sku")
@@ -113,7 +94,8 @@ def test_plan_reports_unknown_skus() -> None:
 
 def test_plan_reports_every_failing_sku_in_order() -> None:
     """Several failures are all reported, in the order the SKUs appear in the order."""
-    plan = plan_reservation([line("X", 1), line("A", 9), line("Y", 1)], {"A": 1, "Y": 0})
+    plan = plan_reservation([make_line("X", 1), make_line("A", 9), make_line("Y", 1)],
+                            {"A": 1, "Y": 0})
     assert [(f.sku, f.reason) for f in plan.unreservable] == [
         ("X", "unknown_sku"), ("A", "insufficient_stock"), ("Y", "insufficient_stock")]
 
@@ -129,7 +111,7 @@ def test_handler_table_maps_order_placed_to_reserve_stock() -> None:
 async def test_reserve_stock_publishes_stock_reserved_in_the_order_flow() -> None:
     """Enough stock: units are taken, StockReserved names the lines, caused by the order."""
     store = FakeStockStore({"A": 5, "B": 1})
-    placed = order(line("A", 2), line("B", 1), line("A", 1))
+    placed = make_order(make_line("A", 2), make_line("B", 1), make_line("A", 1))
     [event] = await reserve_stock(placed, store)
     assert isinstance(event, StockReserved)
     assert event.order_id == placed.order_id
@@ -144,7 +126,7 @@ async def test_reserve_stock_publishes_stock_reserved_in_the_order_flow() -> Non
 async def test_reserve_stock_reserves_nothing_when_a_line_fails() -> None:
     """One line short: StockReservationFailed with the reason, and no stock is touched."""
     store = FakeStockStore({"A": 5, "B": 1})
-    placed = order(line("A", 2), line("B", 2), line("NOPE", 1))
+    placed = make_order(make_line("A", 2), make_line("B", 2), make_line("NOPE", 1))
     [event] = await reserve_stock(placed, store)
     assert isinstance(event, StockReservationFailed)
     assert [(f.sku, f.reason) for f in event.lines] == [
@@ -214,7 +196,11 @@ async def test_store_reserve_is_atomic(engine: AsyncEngine) -> None:
 
 async def test_store_guarded_update_refuses_an_oversell_after_a_stale_read(
         engine: AsyncEngine) -> None:
-    """Stock taken by another transaction after our check: the guarded update refuses."""
+    """Stock taken by another transaction after our check: our reservation is refused.
+
+    PostgreSQL refuses it in the guarded UPDATE; SQLite already refuses the write of a
+    transaction whose snapshot is stale (database is locked). Either way, no oversell.
+    """
     async with engine.begin() as conn:
         await StockStore(conn).set_stock("A", 5)
     async with engine.connect() as mine:
@@ -222,7 +208,7 @@ async def test_store_guarded_update_refuses_an_oversell_after_a_stale_read(
         assert await store.levels(["A"]) == {"A": 5}  # our check passes...
         async with engine.begin() as theirs:  # ...then a concurrent order takes 4 units
             await StockStore(theirs).reserve(uuid.uuid4(), [ReservedLine(sku="A", quantity=4)])
-        with pytest.raises(ReservationConflictError):
+        with pytest.raises((ReservationConflictError, OperationalError)):
             await store.reserve(uuid.uuid4(), [ReservedLine(sku="A", quantity=3)])
         await mine.rollback()
     async with engine.connect() as conn:
@@ -262,9 +248,10 @@ async def test_handler_on_the_real_store(engine: AsyncEngine) -> None:
         await StockStore(conn).set_stock("A", 3)
         await StockStore(conn).set_stock("B", 1)
     async with engine.begin() as conn:
-        [ok] = await reserve_stock(order(line("A", 2)), StockStore(conn))
+        [ok] = await reserve_stock(make_order(make_line("A", 2)), StockStore(conn))
     async with engine.begin() as conn:
-        [failed] = await reserve_stock(order(line("A", 1), line("B", 2)), StockStore(conn))
+        [failed] = await reserve_stock(make_order(make_line("A", 1), make_line("B", 2)),
+                                       StockStore(conn))
     assert isinstance(ok, StockReserved)
     assert isinstance(failed, StockReservationFailed)
     async with engine.connect() as conn:

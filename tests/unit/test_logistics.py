@@ -6,7 +6,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta, timezone
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from common.db import create_tables, make_engine
-from common.events import Address, OrderLine, OrderPlaced, ShipmentScheduled
+from common.events import OrderPlaced, ShipmentScheduled
 from logistics_service.cli import app
 from logistics_service.domain import (
     Shipment,
@@ -27,25 +26,12 @@ from logistics_service.domain import (
 )
 from logistics_service.handlers import HANDLERS, schedule_shipment
 from logistics_service.store import ShipmentStore, metadata
+from tests.factories import make_order
 
 pytestmark = pytest.mark.unit
 
 FRIDAY = date(2024, 6, 7)
-
-
-def order(country: str = "DE", occurred_at: datetime | None = None) -> OrderPlaced:
-    order_id = uuid.uuid4()
-    return OrderPlaced(
-        order_id=order_id,
-        customer_id="cust-1",
-        lines=(OrderLine(sku="A", quantity=1, unit_price=Decimal("5.00"), seller_id="s1"),),
-        currency="EUR",
-        total=Decimal("5.00"),
-        shipping_address=Address(name="Ada", street="1 Row", city="Town",
-                                 postal_code="12345", country=country),
-        correlation_id=str(order_id),
-        occurred_at=occurred_at or datetime(2024, 6, 7, 10, 0, tzinfo=UTC),
-    )
+FRIDAY_MORNING = datetime(2024, 6, 7, 10, 0, tzinfo=UTC)
 
 
 class FakeShipmentStore(ShipmentStore):
@@ -121,7 +107,7 @@ def test_handler_table_maps_order_placed_to_schedule_shipment() -> None:
 async def test_schedule_shipment_stores_and_announces_the_shipment() -> None:
     """The shipment is stored and ShipmentScheduled carries it, in the order's flow."""
     store = FakeShipmentStore()
-    placed = order("FR")
+    placed = make_order(country="FR", occurred_at=FRIDAY_MORNING)
     [event] = await schedule_shipment(placed, store)
     assert isinstance(event, ShipmentScheduled)
     stored = store.shipments[placed.order_id]
@@ -136,7 +122,7 @@ async def test_schedule_shipment_stores_and_announces_the_shipment() -> None:
 
 async def test_a_replay_schedules_the_same_shipment() -> None:
     """Handling the same OrderPlaced again (days later) gives the same ids and date."""
-    placed = order("US")
+    placed = make_order(country="US", occurred_at=FRIDAY_MORNING)
     [first] = await schedule_shipment(placed, FakeShipmentStore())
     [again] = await schedule_shipment(placed, FakeShipmentStore())
     assert isinstance(first, ShipmentScheduled)
@@ -147,7 +133,8 @@ async def test_a_replay_schedules_the_same_shipment() -> None:
 
 async def test_the_delivery_date_uses_the_utc_day_of_the_order() -> None:
     """Saturday 01:00 at UTC+2 is Friday in UTC: delivery counts from Friday."""
-    placed = order("DE", datetime(2024, 6, 8, 1, 0, tzinfo=timezone(timedelta(hours=2))))
+    placed = make_order(
+        country="DE", occurred_at=datetime(2024, 6, 8, 1, 0, tzinfo=timezone(timedelta(hours=2))))
     [event] = await schedule_shipment(placed, FakeShipmentStore())
     assert isinstance(event, ShipmentScheduled)
     assert event.estimated_delivery == date(2024, 6, 11)

@@ -220,3 +220,19 @@ def test_outcome_details_read_as_one_line() -> None:
         "DHL DHL-1, delivery by 2025-01-03")
     assert outcome_detail("seller", {"seller_id": "books", "lines": [{}]}) == (
         "seller books notified of 1 line(s)")
+
+
+def test_a_subscriber_waiting_to_retry_is_retrying_and_not_complete() -> None:
+    """A failure that will be retried is neither handled nor final."""
+    fan = fan_out(["a"], [receipt("a", "retried", 0)])
+    assert [s.status for s in fan.subscribers] == ["retrying"]
+    assert not fan.complete
+    retried_then_handled = fan_out(["a"], [receipt("a", "retried", 0), receipt("a", "handled", 5)])
+    assert [s.status for s in retried_then_handled.subscribers] == ["handled"]
+
+
+def test_a_dead_letter_replayed_by_an_operator_is_pending_again() -> None:
+    """Replayed from the DLQ: pending until the subscriber answers once more."""
+    fan = fan_out(["a"], [receipt("a", "dead_lettered", 0), receipt("a", "replayed", 5)])
+    assert [s.status for s in fan.subscribers] == ["pending"]
+    assert not fan.complete

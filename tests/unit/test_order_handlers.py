@@ -16,7 +16,6 @@ from common.db import create_tables, make_engine
 from common.events import (
     DeliveryReceipt,
     Event,
-    OrderLine,
     OrderPlaced,
     ReservedLine,
     SellerNotified,
@@ -29,11 +28,14 @@ from common.events import (
 from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
 from order_service.handlers import AUDIT_HANDLERS, HANDLERS
 from order_service.store import OrderStore, metadata
+from tests.factories import make_address, make_line
 
 pytestmark = pytest.mark.unit
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 PLACED_AT = T0 + timedelta(minutes=10)
+#: The one line of every order placed here.
+LINE = make_line("SKU-1", 2, price="3.50", seller="s1")
 
 
 @pytest.fixture
@@ -52,12 +54,8 @@ async def deliver(engine: AsyncEngine, event: Event) -> None:
 
 
 async def place(engine: AsyncEngine, at: datetime = PLACED_AT) -> OrderPlaced:
-    event = place_order(NewOrder.model_validate({
-        "customer_id": "cust-1",
-        "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": "3.50", "seller_id": "s1"}],
-        "shipping_address": {"name": "Ada", "street": "1 Row", "city": "Berlin",
-                             "postal_code": "10115", "country": "DE"},
-    }), now=at)
+    event = place_order(NewOrder(customer_id="cust-1", lines=[LINE],
+                                 shipping_address=make_address()), now=at)
     async with engine.begin() as conn:
         await OrderStore(conn).add_order(event)
     return event
@@ -264,7 +262,7 @@ async def test_shipment_and_seller_outcomes_are_recorded(engine: AsyncEngine) ->
         occurred_at=PLACED_AT + timedelta(seconds=2)).caused(order, "logistics"))
     await deliver(engine, SellerNotified(
         order_id=order.order_id, seller_id="s1",
-        lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=Decimal("3.50"), seller_id="s1"),),
+        lines=(LINE,),
         occurred_at=PLACED_AT + timedelta(seconds=3)).caused(order, "seller"))
     st = await status(engine, order.order_id)
     assert st.state == OrderState.PLACED

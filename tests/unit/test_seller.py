@@ -16,31 +16,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from common.db import create_tables, make_engine
-from common.events import Address, OrderLine, OrderPlaced, SellerNotified
+from common.events import OrderLine, OrderPlaced, SellerNotified
 from seller_service.cli import app
 from seller_service.domain import SellerLines, group_by_seller
 from seller_service.handlers import HANDLERS, notify_sellers
 from seller_service.store import InboxStore, Notification, metadata
+from tests.factories import make_line, make_order
 
 pytestmark = pytest.mark.unit
 
 
 def line(sku: str, seller: str, quantity: int = 1, price: str = "2.50") -> OrderLine:
-    return OrderLine(sku=sku, quantity=quantity, unit_price=Decimal(price), seller_id=seller)
-
-
-def order(*lines: OrderLine) -> OrderPlaced:
-    order_id = uuid.uuid4()
-    return OrderPlaced(
-        order_id=order_id,
-        customer_id="cust-1",
-        lines=lines,
-        currency="EUR",
-        total=sum((ln.line_total for ln in lines), Decimal(0)),
-        shipping_address=Address(name="Ada", street="1 Row", city="Paris",
-                                 postal_code="75001", country="FR"),
-        correlation_id=str(order_id),
-    )
+    """A line whose seller matters: the seller comes second."""
+    return make_line(sku, quantity, price=price, seller=seller)
 
 
 class FakeInboxStore(InboxStore):
@@ -89,7 +77,7 @@ def test_handler_table_maps_order_placed_to_notify_sellers() -> None:
 async def test_notify_sellers_notifies_each_seller_once_with_its_lines() -> None:
     """Two sellers: two inbox entries and two SellerNotified, each with that seller's lines."""
     store = FakeInboxStore()
-    placed = order(line("A1", "s-a"), line("B1", "s-b", 3), line("A2", "s-a"))
+    placed = make_order(line("A1", "s-a"), line("B1", "s-b", 3), line("A2", "s-a"))
     events = await notify_sellers(placed, store)
     assert all(isinstance(e, SellerNotified) for e in events)
     notified = [e for e in events if isinstance(e, SellerNotified)]
@@ -147,7 +135,7 @@ async def test_inbox_keeps_one_notification_per_seller_and_order(engine: AsyncEn
 
 async def test_handler_on_the_real_store(engine: AsyncEngine) -> None:
     """notify_sellers against SQLite fills each seller's inbox."""
-    placed = order(line("A1", "s-a"), line("B1", "s-b"))
+    placed = make_order(line("A1", "s-a"), line("B1", "s-b"))
     async with engine.begin() as conn:
         await notify_sellers(placed, InboxStore(conn))
     async with engine.connect() as conn:
