@@ -87,10 +87,11 @@ class Topology:
                                            aio_pika.ExchangeType.FANOUT)
 
     async def declare_queue(self, channel: AbstractChannel, name: str,
-                            arguments: dict[str, FieldValue]) -> AbstractQueue:
+                            arguments: dict[str, FieldValue], *, quorum: bool = True
+                            ) -> AbstractQueue:
         try:
-            queue = await channel.declare_queue(name, durable=True,
-                                                arguments={**QUORUM, **arguments})
+            queue = await channel.declare_queue(
+                name, durable=True, arguments={**(QUORUM if quorum else {}), **arguments})
         except ChannelPreconditionFailed as exc:
             raise TopologyError(_clash("queue", name, exc)) from exc
         self._remember(self.declared_queues, name)
@@ -105,7 +106,10 @@ class Topology:
         """
         dlx = await self.declare_exchange(channel, self.dead_letter_exchange,
                                           aio_pika.ExchangeType.DIRECT)
-        dlq = await self.declare_queue(channel, self.dlq(queue_name), {})
+        # The dead-letter queue is classic: operators browse it (get, then requeue), and a
+        # quorum queue would count each browse as a delivery (4.0 drops a message after 20).
+        dlq = await self.declare_queue(channel, self.dlq(queue_name), {"x-queue-type": "classic"},
+                                       quorum=False)
         await dlq.bind(dlx, routing_key=dlq.name)
         for attempt, delay in enumerate(self.retry_delays, start=1):
             # Through the default exchange straight back to this queue only, not the
