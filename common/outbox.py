@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -16,7 +17,9 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    func,
     insert,
+    or_,
     select,
     update,
 )
@@ -41,6 +44,11 @@ outbox = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("sent_at", UTCDateTime(), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
+    #: Events of one key (the order) are published in the order they were committed.
+    Column("partition_key", String(128), nullable=False),
+    #: A row that failed waits until then, without holding up other keys.
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
+    Column("last_error", Text, nullable=True),
     Index("ix_kit_outbox_unsent", "sent_at", "id"),
 )
 
@@ -64,7 +72,8 @@ async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event]) -> None:
     now = utcnow()
     await conn.execute(insert(outbox), [
         {"event_id": str(e.event_id), "event_type": e.event_type,
-         "body": e.model_dump_json(), "created_at": now, "attempts": 0}
+         "body": e.model_dump_json(), "created_at": now, "attempts": 0,
+         "partition_key": e.correlation_id or str(e.event_id)}
         for e in events
     ])
 
@@ -80,21 +89,25 @@ async def remember(conn: AsyncConnection, queue: str, event_id: str) -> None:
 
 
 class Relay:
-    """Publishes committed outbox rows with confirms, oldest first; retries with backoff.
+    """Publishes committed outbox rows with confirms; retries each failed row with backoff.
 
     Woken by every commit that adds rows, and polls now and then for rows another process
-    (the CLI, a crashed predecessor) left behind.
+    (a crashed predecessor) left behind. Rows of one partition key (the order) go out in
+    commit order, one confirm at a time; different keys go out concurrently, so a batch has
+    many publishes in flight. A row that fails (broker away, nobody bound) waits with its own
+    backoff and holds up only the rows of its key behind it.
     """
 
     def __init__(self, engine: AsyncEngine, publisher: Publisher, *,
                  write_lock: asyncio.Lock, batch: int = 256, poll_interval: float = 1.0,
-                 retention: timedelta = timedelta(days=1)) -> None:
+                 retention: timedelta = timedelta(days=7), max_backoff: float = 30.0) -> None:
         self._engine = engine
         self._publisher = publisher
         self._write_lock = write_lock
         self._batch = batch
         self._poll_interval = poll_interval
         self._retention = retention
+        self._max_backoff = max_backoff
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -104,59 +117,85 @@ class Relay:
         self._wake.set()
 
     async def run(self) -> None:
-        delay = 0.2
         last_cleanup = 0.0
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             try:
-                sent = await self.flush_once()
-            except Exception as exc:  # a broker or database outage: keep the rows, retry
-                log.warning("outbox relay could not publish; retrying", error=str(exc),
-                            error_type=type(exc).__name__, retry_in=round(delay, 2))
-                await self._wait(delay)
-                delay = min(delay * 2, 10.0)
+                sent, failed = await self.flush_once()
+            except Exception as exc:  # the database is away: keep going, it holds the rows
+                log.warning("outbox relay could not read its table; retrying", error=str(exc))
+                await self._wait(self._poll_interval)
                 continue
-            delay = 0.2
-            if sent:
+            if sent and not failed:
                 continue  # there may be more behind this batch
-            self._idle.set()
+            if not failed:
+                self._idle.set()
             if loop.time() - last_cleanup > 60:
                 last_cleanup = loop.time()
                 await self._cleanup()
-            await self._wait(self._poll_interval)
+            await self._wait(self._poll_interval if not failed else min(self._poll_interval,
+                                                                        0.2))
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
-    async def flush_once(self) -> int:
-        """Publish one batch of unsent rows; returns how many were sent."""
+    async def flush_once(self) -> tuple[int, int]:
+        """Publish one batch of due rows; returns (sent, failed)."""
+        now = utcnow()
         async with self._engine.connect() as conn:
             rows = (await conn.execute(
-                select(outbox.c.id, outbox.c.event_type, outbox.c.body)
-                .where(outbox.c.sent_at.is_(None)).order_by(outbox.c.id).limit(self._batch)
+                select(outbox.c.id, outbox.c.event_type, outbox.c.body, outbox.c.attempts,
+                       outbox.c.partition_key)
+                .where(outbox.c.sent_at.is_(None),
+                       or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now))
+                .order_by(outbox.c.id).limit(self._batch)
             )).all()
-        if not rows:
-            return 0
-
-        # Publish the whole batch in flight at once (confirms arrive concurrently) rather than
-        # awaiting each confirm in turn; frames still leave in id order on one channel.
-        results = await asyncio.gather(*(
-            self._publisher.publish(EVENT_TYPES[r.event_type].model_validate_json(r.body),
-                                    body=r.body.encode())
-            for r in rows
-        ), return_exceptions=True)
-        sent_ids = [r.id for r, res in zip(rows, results, strict=True)
-                    if not isinstance(res, BaseException)]
-        failed = [res for res in results if isinstance(res, BaseException)]
-        if sent_ids:
-            async with self._write_lock, self._engine.begin() as conn:
+            if not rows:
+                return 0, 0
+            # Keys with an earlier row still waiting out its backoff: nothing of theirs may
+            # overtake it.
+            waiting = {r.partition_key: r.first_id for r in (await conn.execute(
+                select(outbox.c.partition_key, func.min(outbox.c.id).label("first_id"))
+                .where(outbox.c.sent_at.is_(None), outbox.c.next_attempt_at > now)
+                .group_by(outbox.c.partition_key))).all()}
+        by_key: dict[str, list[Any]] = {}
+        for row in rows:
+            if row.partition_key in waiting and waiting[row.partition_key] < row.id:
+                continue
+            by_key.setdefault(row.partition_key, []).append(row)
+        outcomes = await asyncio.gather(*(self._publish_in_order(k) for k in by_key.values()))
+        sent_ids = [i for ids, _ in outcomes for i in ids]
+        failures = [f for _, f in outcomes if f is not None]
+        async with self._write_lock, self._engine.begin() as conn:
+            if sent_ids:
                 await conn.execute(update(outbox).where(outbox.c.id.in_(sent_ids))
                                    .values(sent_at=utcnow()))
-        if failed:
-            raise failed[0]
-        return len(sent_ids)
+            for row, exc in failures:
+                backoff = min(0.2 * 2 ** row.attempts, self._max_backoff)
+                await conn.execute(update(outbox).where(outbox.c.id == row.id).values(
+                    attempts=row.attempts + 1, last_error=f"{type(exc).__name__}: {exc}"[:2000],
+                    next_attempt_at=utcnow() + timedelta(seconds=backoff)))
+        if failures:
+            row, exc = failures[0]
+            log.warning("outbox relay could not publish; will retry", failed=len(failures),
+                        sent=len(sent_ids), error=str(exc) or type(exc).__name__,
+                        error_type=type(exc).__name__, first_event_type=row.event_type)
+        return len(sent_ids), len(failures)
+
+    async def _publish_in_order(self, rows: list[Any]
+                                ) -> tuple[list[int], tuple[Any, BaseException] | None]:
+        """Publish one key's rows one after the other; stop at the first failure."""
+        sent: list[int] = []
+        for row in rows:
+            try:
+                event = EVENT_TYPES[row.event_type].model_validate_json(row.body)
+                await self._publisher.publish(event, body=row.body.encode())
+            except Exception as exc:  # reported per row; the rows behind it wait their turn
+                return sent, (row, exc)
+            sent.append(row.id)
+        return sent, None
 
     async def wait_idle(self, seconds: float) -> bool:
         """Wait until every row committed so far is published (or `seconds` pass)."""

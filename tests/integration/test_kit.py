@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -20,11 +21,12 @@ from common.events import (
     ReservedLine,
     StockReserved,
 )
-from common.runner import Runtime
+from common.runner import Runtime, ServiceRunner
 from common.service import ServiceSpec
+from common.settings import ServiceSettings
 from common.topology import Topology, TopologyError
 from tests.factories import make_order
-from tests.integration.support import StartService, delete_topology, wait_for
+from tests.integration.support import StartService, delete_topology, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -293,3 +295,31 @@ async def test_a_declaration_clash_stops_with_a_clear_error(
         assert "To migrate" in message
     finally:
         await delete_topology(amqp_url, [topology], name_prefix, management_url)
+
+
+async def test_a_queue_left_without_its_consumer_is_resubscribed(
+        amqp_url: str, management_url: str, name_prefix: str, tmp_path: Path,
+        amqp: aio_pika.abc.AbstractRobustConnection) -> None:
+    """If our consumer disappears while the channel lives (aio-pika #231, #626), the
+    watchdog notices the empty queue and subscribes again; deliveries resume."""
+    runner = ServiceRunner(PROBE, settings_for(ServiceSettings, amqp_url, name_prefix, tmp_path),
+                           broker_wait=10)
+    runtime = await runner.__aenter__()
+    try:
+        queue_name = runtime.topology.queue("probe", OrderPlaced)
+        _channel, queue, tag = runner._consumers[queue_name]
+        await queue.cancel(tag)  # the consumer is gone; the channel and connection stay up
+
+        async def consumers() -> int:
+            channel = await amqp.channel()
+            declared = await channel.declare_queue(queue_name, passive=True)
+            await channel.close()
+            return int(declared.declaration_result.consumer_count or 0)
+
+        await wait_for(consumers, what="the watchdog to re-subscribe", timeout=10)
+        order = an_order()
+        await publish(runtime, order)
+        await wait_for(lambda: effect_count(runtime, order.order_id), what="a delivery")
+    finally:
+        await runner.stop()
+        await delete_topology(amqp_url, [runner.topology], name_prefix, management_url)
