@@ -63,6 +63,10 @@ class OrderAccepted(BaseModel):
     status_url: str = Field(description="Where to read the order's status.",
                             examples=["/orders/5b0c7f9e-3f7a-4e34-9a57-0d8c1c6b2f10"])
     state: OrderState = Field(description="The order's state now: accepted.")
+    publication: str = Field(
+        description="Where its OrderPlaced is: always pending publication from the outbox "
+                    "at this point; the status URL shows when subscribers answer.",
+        examples=["pending: published as soon as the broker confirms it"])
     order: OrderView = Field(description="The order as stored.")
 
 
@@ -171,8 +175,13 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         await rt.execute(work)
         status_url = f"/orders/{event.order_id}"
         response.headers["Location"] = status_url
+        publication = ("pending: published as soon as the broker confirms it"
+                       if rt.broker_ok() else
+                       "pending: the broker is unreachable; the order is kept and published "
+                       "when it returns")
         return OrderAccepted(order_id=event.order_id, status_url=status_url,
-                             state=OrderState.ACCEPTED, order=OrderView.of(event))
+                             state=OrderState.ACCEPTED, publication=publication,
+                             order=OrderView.of(event))
 
     @app.get("/orders/{order_id}", response_model=OrderStatus,
              responses={404: {"model": Problem, "description": "Unknown order."}},

@@ -289,3 +289,13 @@ async def test_without_a_runtime_only_the_docs_answer(settings: OrderSettings) -
         assert {"/orders", "/orders/{order_id}", "/healthz", "/subscribers"} <= set(spec["paths"])
         assert (await client.post("/orders", json=order_body())).status_code == 503
         assert (await client.get("/healthz")).status_code == 503
+
+
+async def test_an_order_is_accepted_while_the_broker_is_down(client: httpx.AsyncClient,
+                                                             runtime: FakeRuntime) -> None:
+    """No broker: still 202, the event is kept in the outbox, and the answer says so."""
+    runtime.broker_up = False
+    response = await client.post("/orders", json=order_body())
+    assert response.status_code == 202, response.text
+    assert "broker is unreachable" in response.json()["publication"]
+    assert len(runtime.published) == 1
