@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Sequence
@@ -323,3 +324,58 @@ async def test_a_queue_left_without_its_consumer_is_resubscribed(
     finally:
         await runner.stop()
         await delete_topology(amqp_url, [runner.topology], name_prefix, management_url)
+
+
+RELEASE = asyncio.Event()
+
+
+async def slow(event: OrderPlaced, store: ProbeStore) -> Sequence[Event]:
+    """Waits for the test to release it, then records the order."""
+    await RELEASE.wait()
+    await store.record(event.order_id)
+    return []
+
+
+SLOW = ServiceSpec(name="slow", handlers={OrderPlaced: slow}, store=ProbeStore,
+                   metadata=probe_metadata)
+
+
+@pytest.mark.parametrize("finishes_in_time", [True, False])
+async def test_stopping_lets_in_flight_handlers_finish_or_returns_their_delivery(
+        amqp_url: str, management_url: str, name_prefix: str, tmp_path: Path,
+        amqp: aio_pika.abc.AbstractRobustConnection, finishes_in_time: bool) -> None:
+    """On stop, a handler that finishes within the timeout is committed and acked; one that
+    does not is cancelled and its delivery goes back to the queue, not lost."""
+    RELEASE.clear()
+    settings = settings_for(ServiceSettings, amqp_url, name_prefix, tmp_path,
+                            shutdown_timeout=2.0 if finishes_in_time else 0.3)
+    runner = ServiceRunner(SLOW, settings, broker_wait=10)
+    runtime = await runner.__aenter__()
+    queue_name = runtime.topology.queue("slow", OrderPlaced)
+    try:
+        order = an_order()
+        await publish(runtime, order)
+        await wait_for(lambda: _true(bool(runner._in_flight)), what="the handler to start")
+        if finishes_in_time:
+            asyncio.get_running_loop().call_later(0.2, RELEASE.set)
+        await runner.stop()
+        assert await effect_count(runtime, order.order_id) == (1 if finishes_in_time else 0)
+
+        async def ready() -> int:
+            channel = await amqp.channel()
+            declared = await channel.declare_queue(queue_name, passive=True)
+            await channel.close()
+            return int(declared.declaration_result.message_count or 0)
+
+        if finishes_in_time:
+            assert await ready() == 0
+        else:
+            assert await wait_for(ready, what="the delivery back in its queue") == 1
+    finally:
+        RELEASE.set()
+        await runtime.engine.dispose()  # effect_count reconnected after stop()
+        await delete_topology(amqp_url, [runner.topology], name_prefix, management_url)
+
+
+async def _true(value: bool) -> bool:
+    return value
