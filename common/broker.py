@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from yarl import URL
 
 from common.events import Event
 from common.logging import get_logger
+from common.telemetry import CONFIRM_SECONDS, PUBLISH_FAILURES, publish_span
 from common.topology import Topology
 
 log = get_logger(__name__)
@@ -104,9 +106,11 @@ def message_for(event: Event, body: bytes | None = None,
 class Publisher:
     """Publishes events to their fanout exchange with confirms; unroutable raises."""
 
-    def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
+    def __init__(self, connection: AbstractRobustConnection, topology: Topology,
+                 service: str = "shop") -> None:
         self._connection = connection
         self._topology = topology
+        self._service = service
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._lock = asyncio.Lock()
@@ -130,10 +134,25 @@ class Publisher:
                 self._exchanges[name] = await self._topology.declare_exchange(channel, name, kind)
             return self._exchanges[name]
 
-    async def publish(self, event: Event, *, body: bytes | None = None) -> None:
-        """Publish and wait for the broker's confirm."""
+    async def publish(self, event: Event, *, body: bytes | None = None,
+                      trace_parent: Mapping[str, Any] | None = None) -> None:
+        """Publish and wait for the broker's confirm.
+
+        `trace_parent` is the trace context stored with the event when it was committed, so
+        the publish span (and every consumer after it) joins the trace that produced it.
+        """
         exchange = await self.exchange(self._topology.exchange(type(event)))
-        await self.publish_message(exchange, message_for(event, body))
+        with publish_span(exchange.name, str(event.event_id), event.event_type,
+                          self._service, trace_parent) as trace_headers:
+            headers: dict[str, Any] = {"schema_version": event.schema_version, **trace_headers}
+            started = time.perf_counter()
+            try:
+                await self.publish_message(exchange, message_for(event, body, headers))
+            except Exception:
+                PUBLISH_FAILURES.labels(self._service, event.event_type).inc()
+                raise
+            CONFIRM_SECONDS.labels(self._service, event.event_type).observe(
+                time.perf_counter() - started)
 
     async def publish_message(self, exchange: AbstractExchange, message: aio_pika.Message,
                               routing_key: str = "") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from common.broker import Publisher
 from common.db import UTCDateTime
 from common.events import EVENT_TYPES, Event
 from common.logging import get_logger
+from common.telemetry import OUTBOX_AGE, OUTBOX_BACKLOG, current_trace_headers
 
 log = get_logger(__name__)
 
@@ -49,6 +51,8 @@ outbox = Table(
     #: A row that failed waits until then, without holding up other keys.
     Column("next_attempt_at", UTCDateTime(), nullable=True),
     Column("last_error", Text, nullable=True),
+    #: The trace context the event was produced in (W3C headers as JSON), for its publish.
+    Column("trace_context", Text, nullable=True),
     Index("ix_kit_outbox_unsent", "sent_at", "id"),
 )
 
@@ -70,10 +74,13 @@ async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event]) -> None:
     if not events:
         return
     now = utcnow()
+    trace_headers = current_trace_headers()
+    trace_context = json.dumps(trace_headers) if trace_headers else None
     await conn.execute(insert(outbox), [
         {"event_id": str(e.event_id), "event_type": e.event_type,
          "body": e.model_dump_json(), "created_at": now, "attempts": 0,
-         "partition_key": e.correlation_id or str(e.event_id)}
+         "partition_key": e.correlation_id or str(e.event_id),
+         "trace_context": trace_context}
         for e in events
     ])
 
@@ -100,7 +107,9 @@ class Relay:
 
     def __init__(self, engine: AsyncEngine, publisher: Publisher, *,
                  write_lock: asyncio.Lock, batch: int = 256, poll_interval: float = 1.0,
-                 retention: timedelta = timedelta(days=7), max_backoff: float = 30.0) -> None:
+                 retention: timedelta = timedelta(days=7), max_backoff: float = 30.0,
+                 service: str = "shop") -> None:
+        self._service = service
         self._engine = engine
         self._publisher = publisher
         self._write_lock = write_lock
@@ -117,7 +126,7 @@ class Relay:
         self._wake.set()
 
     async def run(self) -> None:
-        last_cleanup = 0.0
+        last_cleanup = last_gauge = 0.0
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
@@ -131,6 +140,9 @@ class Relay:
                 continue  # there may be more behind this batch
             if not failed:
                 self._idle.set()
+            if loop.time() - last_gauge > 5:
+                last_gauge = loop.time()
+                await self._measure_backlog()
             if loop.time() - last_cleanup > 60:
                 last_cleanup = loop.time()
                 await self._cleanup()
@@ -147,7 +159,7 @@ class Relay:
         async with self._engine.connect() as conn:
             rows = (await conn.execute(
                 select(outbox.c.id, outbox.c.event_type, outbox.c.body, outbox.c.attempts,
-                       outbox.c.partition_key)
+                       outbox.c.partition_key, outbox.c.trace_context)
                 .where(outbox.c.sent_at.is_(None),
                        or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now))
                 .order_by(outbox.c.id).limit(self._batch)
@@ -191,7 +203,9 @@ class Relay:
         for row in rows:
             try:
                 event = EVENT_TYPES[row.event_type].model_validate_json(row.body)
-                await self._publisher.publish(event, body=row.body.encode())
+                await self._publisher.publish(
+                    event, body=row.body.encode(),
+                    trace_parent=json.loads(row.trace_context) if row.trace_context else None)
             except Exception as exc:  # reported per row; the rows behind it wait their turn
                 return sent, (row, exc)
             sent.append(row.id)
@@ -204,6 +218,21 @@ class Relay:
         except TimeoutError:
             return False
         return True
+
+    async def _measure_backlog(self) -> None:
+        """Set the backlog gauges; one small query every few seconds, only when idle or
+        failing (a busy relay is by definition not idle for long)."""
+        try:
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(
+                    select(func.count(), func.min(outbox.c.created_at))
+                    .where(outbox.c.sent_at.is_(None)))).one()
+        except SQLAlchemyError:
+            return
+        count, oldest = row
+        OUTBOX_BACKLOG.labels(self._service).set(count or 0)
+        OUTBOX_AGE.labels(self._service).set(
+            (utcnow() - oldest).total_seconds() if oldest is not None else 0)
 
     async def _cleanup(self) -> None:
         cutoff = utcnow() - self._retention

@@ -33,6 +33,13 @@ from common.logging import get_logger
 from common.outbox import Relay, add_to_outbox, kit_metadata, remember, seen, utcnow
 from common.service import Handler, ServiceSpec, StoreT
 from common.settings import ServiceSettings
+from common.telemetry import (
+    DELIVERIES,
+    HANDLER_SECONDS,
+    configure_tracing,
+    process_span,
+    start_metrics_server,
+)
 from common.topology import Topology, TopologyError
 
 log = get_logger(__name__)
@@ -169,9 +176,10 @@ class ServiceRunner(Generic[StoreT]):
             await self.spec.on_start(rt.engine)
         rt.connection = await connect(self.settings.amqp_url, self._instance,
                                       wait=self.broker_wait)
-        rt.publisher = Publisher(rt.connection, self.topology)
+        rt.publisher = Publisher(rt.connection, self.topology, self.spec.name)
         rt.relay = Relay(rt.engine, rt.publisher, write_lock=rt.write_lock,  # type: ignore[arg-type]
-                         retention=timedelta(hours=self.settings.retention_hours))
+                         retention=timedelta(hours=self.settings.retention_hours),
+                         service=self.spec.name)
         await self._declare_audit()
         for sub in self.subscriptions:
             await self._consume(sub)
@@ -280,6 +288,15 @@ class ServiceRunner(Generic[StoreT]):
 
     async def _deliver(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
                        ) -> None:
+        with process_span(sub.queue, message.message_id, message.type, self.spec.name,
+                          message.headers):
+            outcome = await self._deliver_traced(sub, message)
+        event_type = message.type or "unknown"
+        DELIVERIES.labels(self.spec.name, sub.queue, event_type, outcome).inc()
+
+    async def _deliver_traced(self, sub: Subscription[StoreT],
+                              message: AbstractIncomingMessage) -> str:
+        """Handle one delivery; returns its outcome for the metrics."""
         started = time.perf_counter()
         received_at = utcnow()
         try:
@@ -288,9 +305,8 @@ class ServiceRunner(Generic[StoreT]):
             with structlog.contextvars.bound_contextvars(
                     event_id=message.message_id, event_type=message.type,
                     correlation_id=message.correlation_id, order_id=message.correlation_id):
-                await self._fail(sub, message, reason="poison", error=exc, retry=False,
-                                 received_at=received_at, started=started)
-            return
+                return await self._fail(sub, message, reason="poison", error=exc, retry=False,
+                                        received_at=received_at, started=started)
         with structlog.contextvars.bound_contextvars(
                 event_id=str(event.event_id), event_type=event.event_type,
                 correlation_id=event.correlation_id, order_id=event.order_key):
@@ -298,12 +314,15 @@ class ServiceRunner(Generic[StoreT]):
                 duplicate = await self._handle(sub, event, handler, received_at, started)
             except Exception as exc:  # any handler failure: retry later or park; keep consuming
                 log.exception("handler failed", queue=sub.queue)
-                await self._fail(sub, message, reason="handler_error", error=exc, retry=True,
-                                 received_at=received_at, started=started, event=event)
-                return
+                return await self._fail(sub, message, reason="handler_error", error=exc,
+                                        retry=True, received_at=received_at, started=started,
+                                        event=event)
             await message.ack()
+            elapsed = time.perf_counter() - started
+            HANDLER_SECONDS.labels(self.spec.name, event.event_type).observe(elapsed)
             log.debug("delivery handled", queue=sub.queue, duplicate=duplicate,
-                      duration_ms=round((time.perf_counter() - started) * 1000, 2))
+                      duration_ms=round(elapsed * 1000, 2))
+            return "duplicate" if duplicate else "handled"
 
     async def _handle(self, sub: Subscription[StoreT], event: Event, handler: Handler[StoreT],
                       received_at: datetime, started: float) -> bool:
@@ -363,7 +382,7 @@ class ServiceRunner(Generic[StoreT]):
 
     async def _fail(self, sub: Subscription[StoreT], message: AbstractIncomingMessage, *,
                     reason: str, error: BaseException, retry: bool, received_at: datetime,
-                    started: float, event: Event | None = None) -> None:
+                    started: float, event: Event | None = None) -> str:
         """Send a failed delivery, as received, to its next delay queue or to `<queue>.dlq`.
 
         The broker does the waiting (a delay queue dead-letters back into the queue when its
@@ -403,7 +422,7 @@ class ServiceRunner(Generic[StoreT]):
             log.exception("could not park the failed delivery; returning it to its queue",
                           queue=sub.queue, target=target)
             await message.nack(requeue=True)
-            return
+            return "requeued"
         await message.ack()
         if retrying:
             log.warning("delivery failed; will retry", queue=sub.queue, attempt=attempts,
@@ -420,6 +439,7 @@ class ServiceRunner(Generic[StoreT]):
                 await rt.execute(_constant(receipt))
             except Exception:
                 log.exception("could not record the receipt of a failed delivery")
+        return "retried" if retrying else "dead_lettered"
 
     async def _announce_forever(self) -> None:
         consumes = {
@@ -504,6 +524,11 @@ async def run_service(spec: ServiceSpec[StoreT], settings: ServiceSettings,
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    configure_tracing(spec.name, settings.otel_traces_exporter)
+    try:
+        start_metrics_server(settings.metrics_port, spec.name)
+    except OSError as exc:  # a taken port must not stop the service from working
+        log.warning("metrics not served", port=settings.metrics_port, error=str(exc))
     runner = ServiceRunner(spec, settings)
     start = asyncio.create_task(runner.__aenter__())
     stop_wait = asyncio.create_task(stopping.wait())

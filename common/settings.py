@@ -60,6 +60,13 @@ class ServiceSettings(BaseSettings):
         5.0, gt=0, validation_alias=_shared("SHOP_CONSUMER_CHECK_INTERVAL"),
         description="Seconds between checks that every queue still has our consumer.")
 
+    otel_traces_exporter: str | None = Field(
+        None, validation_alias=_shared("OTEL_TRACES_EXPORTER"),
+        description="otlp or console to export traces (OTEL_EXPORTER_OTLP_* configure otlp); "
+                    "off when unset.")
+    metrics_port: int = Field(0, ge=0, le=65535,
+                              description="Port of the Prometheus /metrics endpoint; 0: off.")
+
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL; default an SQLite file in the data folder.")
     prefetch: int = Field(32, ge=1, le=10_000, description="Unacked deliveries per consumer.")

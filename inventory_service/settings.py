@@ -15,4 +15,7 @@ class InventorySettings(ServiceSettings):
                                       populate_by_name=True)
     service_name: ClassVar[str] = "inventory"
 
+    metrics_port: int = Field(9101, ge=0, le=65535,
+                              description="Port of the Prometheus /metrics endpoint; 0: off.")
+
     seed_catalogue: bool = Field(True, description="Load the demo catalogue into an empty stock.")

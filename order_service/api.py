@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.events import Event
 from common.settings import ServiceSettings
+from common.telemetry import tracer
 from order_service.domain import (
     NewOrder,
     OrderState,
@@ -172,7 +173,10 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
             await OrderStore(conn).add_order(event)
             return [event]
 
-        await rt.execute(work)
+        # The order's trace starts here; the outbox keeps its context for the publish.
+        with tracer.start_as_current_span("place order", attributes={
+                "shop.service": "order", "shop.order_id": str(event.order_id)}):
+            await rt.execute(work)
         status_url = f"/orders/{event.order_id}"
         response.headers["Location"] = status_url
         publication = ("pending: published as soon as the broker confirms it"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from common.events import (
     DeliveryReceipt,
     Event,
@@ -12,6 +14,7 @@ from common.events import (
     SubscriberAnnounced,
 )
 from common.service import Handler
+from common.telemetry import RECEIPT_LAG
 from order_service.domain import OrderState
 from order_service.store import OrderStore
 
@@ -69,6 +72,8 @@ async def delivery_receipt(event: DeliveryReceipt, store: OrderStore) -> list[Ev
     still see a dead-lettered unreadable message there.
     """
     await store.record_delivery(event)
+    RECEIPT_LAG.labels(event.subscriber, event.outcome).observe(
+        max(0.0, (datetime.now(UTC) - event.occurred_at).total_seconds()))
     return []
 
 

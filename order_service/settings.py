@@ -16,6 +16,9 @@ class OrderSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ORDER_", extra="ignore", populate_by_name=True)
     service_name: ClassVar[str] = "order"
 
+    metrics_port: int = Field(9100, ge=0, le=65535,
+                              description="Port of the Prometheus /metrics endpoint; 0: off.")
+
     http_host: str = Field("127.0.0.1", description="Where the HTTP API listens.")
     http_port: int = Field(8000, ge=1, le=65535, description="The HTTP API's port.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body.")

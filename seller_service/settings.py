@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import ServiceSettings
@@ -12,3 +13,6 @@ from common.settings import ServiceSettings
 class SellerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SELLER_", extra="ignore", populate_by_name=True)
     service_name: ClassVar[str] = "seller"
+
+    metrics_port: int = Field(9103, ge=0, le=65535,
+                              description="Port of the Prometheus /metrics endpoint; 0: off.")
