@@ -20,6 +20,7 @@ from rich.table import Table
 from yarl import URL
 
 from common.broker import connect, safe_url
+from common.dlq_cli import app as dlq_app
 from common.logging import get_logger
 from common.settings import ServiceSettings
 from common.topology import Topology
@@ -37,6 +38,7 @@ app.add_typer(order_app, name="order", help="Place orders and see who handled th
 app.add_typer(inventory_app, name="inventory", help="Stock levels (the inventory service).")
 app.add_typer(logistics_app, name="logistics", help="Shipments (the logistics service).")
 app.add_typer(seller_app, name="seller", help="Sellers' inboxes (the seller service).")
+app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge.")
 
 console = Console()
 log = get_logger(__name__)
