@@ -8,12 +8,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, MetaData, TypeDecorator, event
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy import DateTime, MetaData, TypeDecorator, event, text
+from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 S = TypeVar("S")
 T = TypeVar("T")
+
+#: PostgreSQL connections an engine keeps open, and how many more it may open at a peak. A
+#: service runs up to `prefetch` deliveries at once (32 by default), each in its own
+#: transaction, beside the relay and the API: 10 cover the usual load, 20 more a burst,
+#: and a busy replica then waits up to `PG_POOL_TIMEOUT` seconds for a connection instead of
+#: opening hundreds (PostgreSQL's default max_connections is 100, shared by every replica).
+PG_POOL_SIZE = 10
+PG_MAX_OVERFLOW = 20
+PG_POOL_TIMEOUT = 30.0
+#: Reopen connections older than this, so a server or proxy idle cut never hits a live one.
+PG_POOL_RECYCLE = 1800
+#: Seconds to open one connection before the attempt counts as failed.
+PG_CONNECT_TIMEOUT = 10.0
+#: Any key serialises `create_all` between replicas starting at once (see create_tables).
+_CREATE_TABLES_LOCK = 0x73686F70  # "shop"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -36,8 +51,16 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def make_engine(url: str) -> AsyncEngine:
-    """An async engine for `url`; for SQLite, the folder is created and WAL switched on."""
+    """An async engine for `url`; for SQLite, the folder is created and WAL switched on.
+
+    For PostgreSQL (`postgresql+asyncpg://user@host:5432/db`; a bare `postgresql://` gets
+    the asyncpg driver) the pool is bounded and checked before use, and a `search_path`
+    query parameter (`...?search_path=inventory`) puts the service's tables in that schema,
+    so several services or test runs can share one database.
+    """
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        return _postgres_engine(parsed)
     if parsed.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
@@ -68,13 +91,46 @@ def make_engine(url: str) -> AsyncEngine:
     return engine
 
 
+def _postgres_engine(url: URL) -> AsyncEngine:
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+asyncpg")
+    server_settings: dict[str, str] = {}
+    search_path = url.query.get("search_path")
+    if search_path is not None:
+        # asyncpg takes session settings as a dict, not as URL parameters: move it there.
+        server_settings["search_path"] = (search_path if isinstance(search_path, str)
+                                          else ",".join(search_path))
+        url = url.difference_update_query(["search_path"])
+    connect_args: dict[str, Any] = {"timeout": PG_CONNECT_TIMEOUT}
+    if server_settings:
+        connect_args["server_settings"] = server_settings
+    return create_async_engine(
+        url,
+        pool_size=PG_POOL_SIZE,
+        max_overflow=PG_MAX_OVERFLOW,
+        pool_timeout=PG_POOL_TIMEOUT,
+        pool_recycle=PG_POOL_RECYCLE,
+        # A connection the server closed (restart, failover) is replaced, not handed out.
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
 def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
 async def create_tables(engine: AsyncEngine, *metadatas: MetaData) -> None:
-    """Create whatever tables are missing (idempotent)."""
+    """Create whatever tables are missing (idempotent).
+
+    On PostgreSQL, replicas starting at once would both find a table missing and one
+    CREATE would fail; a transaction-scoped advisory lock lets one create while the other
+    waits, then finds the tables there.
+    """
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": _CREATE_TABLES_LOCK})
         for metadata in metadatas:
             await conn.run_sync(metadata.create_all)
 

@@ -48,7 +48,8 @@ subscribers = sa.Table(
     "subscribers", metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("consumes", sa.Text, nullable=False),
-    sa.Column("instance", sa.String(200), nullable=False),
+    # host:pid; a host name alone may take 253 characters.
+    sa.Column("instance", sa.Text, nullable=False),
     sa.Column("first_seen", UTCDateTime(), nullable=False),
     sa.Column("last_seen", UTCDateTime(), nullable=False),
 )
@@ -70,8 +71,10 @@ deliveries = sa.Table(
     sa.Column("receipt_id", sa.String(36), nullable=False, unique=True),
     sa.Column("order_id", sa.String(36), nullable=True, index=True),
     sa.Column("correlation_id", sa.String(128), nullable=True),
-    sa.Column("event_id", sa.String(64), nullable=True, index=True),
-    sa.Column("event_type", sa.String(64), nullable=True),
+    # The handled delivery's message id and type as they came: for an unreadable message,
+    # whatever a publisher set, up to AMQP's 255 (PostgreSQL enforces lengths; SQLite not).
+    sa.Column("event_id", sa.String(255), nullable=True, index=True),
+    sa.Column("event_type", sa.String(255), nullable=True),
     sa.Column("subscriber", sa.String(64), nullable=False),
     sa.Column("queue", sa.String(255), nullable=False),
     sa.Column("outcome", sa.String(16), nullable=False),

@@ -1,19 +1,29 @@
-"""Fixtures every tier shares: where the tests find a RabbitMQ, and unique names per test."""
+"""Fixtures every tier shares: where the tests find a RabbitMQ and PostgreSQL, unique names."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 from uuid import uuid4
 
 import aio_pika
 import pytest
+
+from tests.storage import (
+    HOW_TO_GET_POSTGRES,
+    postgres_problem,
+    postgres_schema,
+    postgres_url,
+    redact,
+    sqlite_url,
+)
 
 if TYPE_CHECKING:
     from testcontainers.community.rabbitmq import RabbitMqContainer
@@ -167,3 +177,41 @@ def management_url(broker: Broker) -> str:
 def name_prefix() -> str:
     """A prefix for exchange and queue names unique to this test, so tests share a broker."""
     return f"t{uuid4().hex[:8]}."
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The URL of the PostgreSQL database for this session (POSTGRES_URL, or the local `test`).
+
+    When it does not answer: in CI (the CI variable set) the tests that need it fail with a
+    message saying how to start it; elsewhere they are skipped with the reason.
+    """
+    url = postgres_url()
+    problem = postgres_problem(url)
+    if problem is not None:
+        message = f"PostgreSQL at {redact(url)} does not answer ({problem})."
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}\n\n{HOW_TO_GET_POSTGRES}", pytrace=False)
+        pytest.skip(f"{message} Set POSTGRES_URL or start it; CI fails here instead.")
+    return url
+
+
+@pytest.fixture
+async def postgres_db_url(postgres: str) -> AsyncIterator[str]:
+    """A URL into a PostgreSQL schema of this test's own, dropped (CASCADE) afterwards."""
+    async with postgres_schema(postgres) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A database URL for a storage test, once on an SQLite file and once on PostgreSQL.
+
+    The PostgreSQL run gets a schema of its own (dropped afterwards); the parameter carries
+    the integration marker, since it needs a server.
+    """
+    if request.param == "sqlite":
+        yield sqlite_url(tmp_path / "store.db")
+        return
+    async with postgres_schema(request.getfixturevalue("postgres")) as url:
+        yield url

@@ -1,18 +1,14 @@
-"""Inventory: the all-or-nothing rule, the handler, the stock store on SQLite, the CLI."""
+"""Inventory: the all-or-nothing rule, the handler on a fake store, the CLI."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
-from common.db import create_tables, make_engine
 from common.events import (
     OrderPlaced,
     ReservedLine,
@@ -22,15 +18,7 @@ from common.events import (
 from inventory_service.cli import app
 from inventory_service.domain import plan_reservation
 from inventory_service.handlers import HANDLERS, reserve_stock
-from inventory_service.store import (
-    DEMO_CATALOGUE,
-    ReservationConflictError,
-    StockBelowReservedError,
-    StockStore,
-    metadata,
-    reservations,
-    seed_catalogue,
-)
+from inventory_service.store import StockStore
 from tests.factories import make_line, make_order
 
 pytestmark = pytest.mark.unit
@@ -137,146 +125,6 @@ async def test_reserve_stock_reserves_nothing_when_a_line_fails() -> None:
     assert event.correlation_id == placed.correlation_id
     assert store.available == {"A": 5, "B": 1}
     assert store.held == {}
-
-
-# --- the store on a real SQLite file --------------------------------------------------------
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'inventory.db'}")
-    await create_tables(eng, metadata)
-    yield eng
-    await eng.dispose()
-
-
-async def test_store_sets_and_lists_stock(engine: AsyncEngine) -> None:
-    """set_stock adds a SKU or recounts it; list_stock shows on hand, reserved, available."""
-    async with engine.begin() as conn:
-        store = StockStore(conn)
-        await store.set_stock("B", 3)
-        await store.set_stock("A", 7)
-        await store.set_stock("A", 4)
-    async with engine.connect() as conn:
-        levels = await StockStore(conn).list_stock()
-    assert [(lv.sku, lv.on_hand, lv.reserved, lv.available) for lv in levels] == [
-        ("A", 4, 0, 4), ("B", 3, 0, 3)]
-    assert levels[0].updated_at.tzinfo is not None
-
-
-async def test_store_levels_are_available_units_of_known_skus(engine: AsyncEngine) -> None:
-    """levels() gives on hand minus reserved, and leaves unknown SKUs out."""
-    order_id = uuid.uuid4()
-    async with engine.begin() as conn:
-        store = StockStore(conn)
-        await store.set_stock("A", 10)
-        await store.reserve(order_id, [ReservedLine(sku="A", quantity=4)])
-    async with engine.connect() as conn:
-        store = StockStore(conn)
-        assert await store.levels(["A", "GHOST"]) == {"A": 6}
-        assert await store.levels([]) == {}
-        assert await store.reserved_for(order_id) == {"A": 4}
-
-
-async def test_store_reserve_is_atomic(engine: AsyncEngine) -> None:
-    """A line that cannot be reserved raises, and the rollback undoes the lines before it."""
-    async with engine.begin() as conn:
-        await StockStore(conn).set_stock("A", 5)
-        await StockStore(conn).set_stock("B", 1)
-    order_id = uuid.uuid4()
-    with pytest.raises(ReservationConflictError, match="B"):
-        async with engine.begin() as conn:
-            await StockStore(conn).reserve(order_id, [ReservedLine(sku="A", quantity=3),
-                                                      ReservedLine(sku="B", quantity=2)])
-    async with engine.connect() as conn:
-        store = StockStore(conn)
-        assert await store.levels(["A", "B"]) == {"A": 5, "B": 1}
-        assert await store.reserved_for(order_id) == {}
-
-
-async def test_store_guarded_update_refuses_an_oversell_after_a_stale_read(
-        engine: AsyncEngine) -> None:
-    """Stock taken by another transaction after our check: our reservation is refused.
-
-    PostgreSQL refuses it in the guarded UPDATE; SQLite already refuses the write of a
-    transaction whose snapshot is stale (database is locked). Either way, no oversell.
-    """
-    async with engine.begin() as conn:
-        await StockStore(conn).set_stock("A", 5)
-    async with engine.connect() as mine:
-        store = StockStore(mine)
-        assert await store.levels(["A"]) == {"A": 5}  # our check passes...
-        async with engine.begin() as theirs:  # ...then a concurrent order takes 4 units
-            await StockStore(theirs).reserve(uuid.uuid4(), [ReservedLine(sku="A", quantity=4)])
-        with pytest.raises((ReservationConflictError, OperationalError)):
-            await store.reserve(uuid.uuid4(), [ReservedLine(sku="A", quantity=3)])
-        await mine.rollback()
-    async with engine.connect() as conn:
-        [level] = await StockStore(conn).list_stock()
-    assert (level.on_hand, level.reserved, level.available) == (5, 4, 1)
-
-
-async def test_store_refuses_a_recount_below_the_reserved_units(engine: AsyncEngine) -> None:
-    """On hand cannot be set under what orders hold; the message says the floor."""
-    async with engine.begin() as conn:
-        store = StockStore(conn)
-        await store.set_stock("A", 5)
-        await store.reserve(uuid.uuid4(), [ReservedLine(sku="A", quantity=3)])
-    async with engine.begin() as conn:
-        with pytest.raises(StockBelowReservedError, match="3 or more"):
-            await StockStore(conn).set_stock("A", 2)
-        level = await StockStore(conn).set_stock("A", 3)
-    assert (level.on_hand, level.reserved, level.available) == (3, 3, 0)
-
-
-async def test_store_refuses_to_reserve_an_order_twice(engine: AsyncEngine) -> None:
-    """The reservations key stops a second reservation of the same order and SKU."""
-    order_id = uuid.uuid4()
-    async with engine.begin() as conn:
-        await StockStore(conn).set_stock("A", 5)
-        await StockStore(conn).reserve(order_id, [ReservedLine(sku="A", quantity=1)])
-    with pytest.raises(sa.exc.IntegrityError):
-        async with engine.begin() as conn:
-            await StockStore(conn).reserve(order_id, [ReservedLine(sku="A", quantity=1)])
-    async with engine.connect() as conn:
-        assert await StockStore(conn).levels(["A"]) == {"A": 4}
-
-
-async def test_handler_on_the_real_store(engine: AsyncEngine) -> None:
-    """reserve_stock against SQLite: a success takes the units, a failure takes none."""
-    async with engine.begin() as conn:
-        await StockStore(conn).set_stock("A", 3)
-        await StockStore(conn).set_stock("B", 1)
-    async with engine.begin() as conn:
-        [ok] = await reserve_stock(make_order(make_line("A", 2)), StockStore(conn))
-    async with engine.begin() as conn:
-        [failed] = await reserve_stock(make_order(make_line("A", 1), make_line("B", 2)),
-                                       StockStore(conn))
-    assert isinstance(ok, StockReserved)
-    assert isinstance(failed, StockReservationFailed)
-    async with engine.connect() as conn:
-        assert await StockStore(conn).levels(["A", "B"]) == {"A": 1, "B": 1}
-        rows = (await conn.execute(sa.select(sa.func.count()).select_from(reservations)))
-        assert rows.scalar_one() == 1
-
-
-async def test_seed_catalogue_fills_only_an_empty_stock(engine: AsyncEngine) -> None:
-    """The demo catalogue goes into an empty table, and never over an operator's stock."""
-    await seed_catalogue(engine)
-    await seed_catalogue(engine)  # a restart: nothing changes
-    async with engine.connect() as conn:
-        levels = {lv.sku: lv.on_hand for lv in await StockStore(conn).list_stock()}
-    assert levels == DEMO_CATALOGUE
-    assert {"SKU-BOOK-1", "SKU-MUG-1"} <= levels.keys()
-
-
-async def test_seed_catalogue_leaves_an_operators_stock_alone(engine: AsyncEngine) -> None:
-    """One SKU set by an operator and the seed does nothing."""
-    async with engine.begin() as conn:
-        await StockStore(conn).set_stock("MY-SKU", 1)
-    await seed_catalogue(engine)
-    async with engine.connect() as conn:
-        assert [lv.sku for lv in await StockStore(conn).list_stock()] == ["MY-SKU"]
 
 
 # --- CLI -----------------------------------------------------------------------------------

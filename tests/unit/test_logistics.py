@@ -1,16 +1,13 @@
-"""Logistics: carrier by country, delivery dates over weekends, replay-stable ids, the store."""
+"""Logistics: carrier by country, delivery dates over weekends, replay-stable ids, the CLI."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from common.db import create_tables, make_engine
@@ -138,42 +135,6 @@ async def test_the_delivery_date_uses_the_utc_day_of_the_order() -> None:
     [event] = await schedule_shipment(placed, FakeShipmentStore())
     assert isinstance(event, ShipmentScheduled)
     assert event.estimated_delivery == date(2024, 6, 11)
-
-
-# --- the store on a real SQLite file --------------------------------------------------------
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'logistics.db'}")
-    await create_tables(eng, metadata)
-    yield eng
-    await eng.dispose()
-
-
-async def test_store_adds_gets_and_lists_shipments(engine: AsyncEngine) -> None:
-    """A stored shipment reads back equal, by order and in the list."""
-    first = plan_shipment(uuid.uuid4(), "DE", FRIDAY)
-    second = plan_shipment(uuid.uuid4(), "CA", FRIDAY)
-    async with engine.begin() as conn:
-        await ShipmentStore(conn).add(first)
-        await ShipmentStore(conn).add(second)
-    async with engine.connect() as conn:
-        store = ShipmentStore(conn)
-        assert await store.get(first.order_id) == first
-        assert await store.get(uuid.uuid4()) is None
-        assert {s.order_id for s in await store.list_shipments()} == {
-            first.order_id, second.order_id}
-
-
-async def test_store_keeps_one_shipment_per_order(engine: AsyncEngine) -> None:
-    """A second shipment for the same order is refused by the database."""
-    shipment = plan_shipment(uuid.uuid4(), "DE", FRIDAY)
-    async with engine.begin() as conn:
-        await ShipmentStore(conn).add(shipment)
-    with pytest.raises(sa.exc.IntegrityError):
-        async with engine.begin() as conn:
-            await ShipmentStore(conn).add(shipment)
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -1,18 +1,15 @@
-"""Sellers: lines grouped per seller, one notification each, the inbox store and CLI."""
+"""Sellers: lines grouped per seller, one notification each, the handler, the CLI."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from common.db import create_tables, make_engine
@@ -91,57 +88,6 @@ async def test_notify_sellers_notifies_each_seller_once_with_its_lines() -> None
     assert len({e.event_id for e in notified}) == 2
     assert [(n.seller_id, n.total, n.currency) for n in store.notes] == [
         ("s-a", Decimal("5.00"), "EUR"), ("s-b", Decimal("7.50"), "EUR")]
-
-
-# --- the store on a real SQLite file --------------------------------------------------------
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'seller.db'}")
-    await create_tables(eng, metadata)
-    yield eng
-    await eng.dispose()
-
-
-async def test_inbox_reads_back_a_sellers_notifications(engine: AsyncEngine) -> None:
-    """Each seller reads only its own entries, newest first, lines and exact total intact."""
-    first, second = uuid.uuid4(), uuid.uuid4()
-    share = SellerLines("s-a", (line("A1", "s-a", 3, "0.10"),))
-    async with engine.begin() as conn:
-        store = InboxStore(conn)
-        await store.add(first, share, "EUR")
-        await store.add(first, SellerLines("s-b", (line("B1", "s-b"),)), "EUR")
-        await store.add(second, share, "EUR")
-    async with engine.connect() as conn:
-        inbox = await InboxStore(conn).inbox("s-a")
-        assert await InboxStore(conn).inbox("nobody") == []
-    assert [n.order_id for n in inbox] == [second, first]
-    assert inbox[0].lines == share.lines
-    assert inbox[0].total == Decimal("0.30")
-    assert inbox[0].created_at.tzinfo is not None
-
-
-async def test_inbox_keeps_one_notification_per_seller_and_order(engine: AsyncEngine) -> None:
-    """A second notification of the same seller for the same order is refused."""
-    order_id = uuid.uuid4()
-    share = SellerLines("s-a", (line("A1", "s-a"),))
-    async with engine.begin() as conn:
-        await InboxStore(conn).add(order_id, share, "EUR")
-    with pytest.raises(sa.exc.IntegrityError):
-        async with engine.begin() as conn:
-            await InboxStore(conn).add(order_id, share, "EUR")
-
-
-async def test_handler_on_the_real_store(engine: AsyncEngine) -> None:
-    """notify_sellers against SQLite fills each seller's inbox."""
-    placed = make_order(line("A1", "s-a"), line("B1", "s-b"))
-    async with engine.begin() as conn:
-        await notify_sellers(placed, InboxStore(conn))
-    async with engine.connect() as conn:
-        for seller in ("s-a", "s-b"):
-            [note] = await InboxStore(conn).inbox(seller)
-            assert note.order_id == placed.order_id
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The order HTTP API over a fake runtime (real SQLite file, no broker): input, status, health."""
+"""The order HTTP API over a fake runtime (no broker; SQLite and PostgreSQL): input, status."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from order_service.handlers import AUDIT_HANDLERS
 from order_service.settings import OrderSettings
 from order_service.store import OrderStore, metadata
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 MAX_BODY = 4096
 
@@ -56,8 +56,8 @@ def settings(tmp_path: Path) -> OrderSettings:
 
 
 @pytest.fixture
-async def runtime(tmp_path: Path, settings: OrderSettings) -> AsyncIterator[FakeRuntime]:
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}")
+async def runtime(db_url: str, settings: OrderSettings) -> AsyncIterator[FakeRuntime]:
+    engine = make_engine(db_url)
     await create_tables(engine, metadata)
     yield FakeRuntime(engine, settings)
     await engine.dispose()

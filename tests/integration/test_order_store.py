@@ -1,4 +1,4 @@
-"""Order handlers on the real order store (SQLite file): registry, receipts, outcomes, state."""
+"""Order handlers on the real order store, SQLite and PostgreSQL: registry, receipts, state."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.db import create_tables, make_engine
@@ -27,10 +27,10 @@ from common.events import (
 )
 from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
 from order_service.handlers import AUDIT_HANDLERS, HANDLERS
-from order_service.store import OrderStore, metadata
+from order_service.store import OrderStore, deliveries, metadata
 from tests.factories import make_address, make_line
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 PLACED_AT = T0 + timedelta(minutes=10)
@@ -39,8 +39,8 @@ LINE = make_line("SKU-1", 2, price="3.50", seller="s1")
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}")
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(db_url)
     await create_tables(engine, metadata)
     yield engine
     await engine.dispose()
@@ -201,6 +201,24 @@ async def test_a_receipt_outside_any_order_is_kept_without_harm(engine: AsyncEng
         assert await OrderStore(conn).list_orders() == []
 
 
+async def test_a_receipt_of_a_foreign_message_with_long_ids_is_kept(engine: AsyncEngine) -> None:
+    """An unreadable message carries whatever id and type its publisher set, up to AMQP's
+    255 characters, and a host name may be as long: kept on every database (PostgreSQL
+    enforces column lengths, SQLite does not)."""
+    long_id, long_type = "m" * 255, "T" * 255
+    await deliver(engine, DeliveryReceipt(
+        subscriber="inventory", queue="inventory.order.placed", handled_event_id=long_id,
+        handled_event_type=long_type, outcome="dead_lettered", error="PoisonMessage: not JSON",
+        received_at=T0, duration_ms=0.1))
+    await deliver(engine, announced("inventory", instance=f"{'h' * 253}:4194304"))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(deliveries.c.event_id, deliveries.c.event_type)
+                                   )).all()
+        [registered] = await OrderStore(conn).list_subscribers()
+    assert [tuple(r) for r in rows] == [(long_id, long_type)]
+    assert registered.instance.endswith(":4194304")
+
+
 async def test_a_subscriber_added_later_shows_up_when_it_answers(engine: AsyncEngine) -> None:
     """An unexpected subscriber's receipt appears in the status, marked as joined later."""
     await deliver(engine, announced("inventory"))
@@ -324,3 +342,17 @@ async def test_a_subscriber_started_before_the_order_is_expected_even_if_read_la
     found = await status(engine, order.order_id)
     assert {s.name: s.status for s in found.subscribers} == {"inventory": "pending"}
     assert not found.complete
+
+
+async def test_money_reads_back_to_the_cent_at_the_largest_amount(engine: AsyncEngine) -> None:
+    """The order's total (NUMERIC(14, 2)) comes back exact, as a Decimal, at the 14 digits
+    the event allows: no float rounding on either database."""
+    big = make_line("SKU-GOLD", 99, price="9999999999.99", seller="s1")
+    event = place_order(NewOrder(customer_id="cust-1", lines=[big],
+                                 shipping_address=make_address()), now=PLACED_AT)
+    async with engine.begin() as conn:
+        await OrderStore(conn).add_order(event)
+    async with engine.connect() as conn:
+        [summary] = await OrderStore(conn).list_orders()
+    assert isinstance(summary.total, Decimal)
+    assert summary.total == Decimal("989999999999.01") == event.total
