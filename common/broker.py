@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,7 +85,9 @@ async def connect(url: str, connection_name: str, *, wait: float | None = None
 
 
 def instance_name(service: str) -> str:
-    return f"{service}@{socket.gethostname()}:{os.getpid()}"
+    """Who this running service is: host and pid, plus a token that keeps two runners in
+    one process (tests) apart."""
+    return f"{service}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def message_for(event: Event, body: bytes | None = None,

@@ -22,10 +22,12 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from common.broker import Publisher
 from common.db import UTCDateTime
@@ -53,13 +55,16 @@ outbox = Table(
     Column("last_error", Text, nullable=True),
     #: The trace context the event was produced in (W3C headers as JSON), for its publish.
     Column("trace_context", Text, nullable=True),
+    #: The process that committed the row: its relay publishes it at once; any relay takes
+    #: over a row left unsent past the orphan age (its process died).
+    Column("instance", String(255), nullable=True),
     Index("ix_kit_outbox_unsent", "sent_at", "id"),
 )
 
 #: Event ids a subscriber handled, committed with the effect: a redelivery finds its row.
 inbox = Table(
     "kit_inbox", kit_metadata,
-    Column("queue", String(200), primary_key=True),
+    Column("queue", String(255), primary_key=True),
     Column("event_id", String(36), primary_key=True),
     Column("handled_at", UTCDateTime(), nullable=False),
 )
@@ -69,7 +74,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event]) -> None:
+async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event],
+                        instance: str | None = None) -> None:
     """Store events in the caller's transaction; the relay publishes them after commit."""
     if not events:
         return
@@ -80,7 +86,7 @@ async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event]) -> None:
         {"event_id": str(e.event_id), "event_type": e.event_type,
          "body": e.model_dump_json(), "created_at": now, "attempts": 0,
          "partition_key": e.correlation_id or str(e.event_id),
-         "trace_context": trace_context}
+         "trace_context": trace_context, "instance": instance}
         for e in events
     ])
 
@@ -108,8 +114,11 @@ class Relay:
     def __init__(self, engine: AsyncEngine, publisher: Publisher, *,
                  write_lock: asyncio.Lock, batch: int = 256, poll_interval: float = 1.0,
                  retention: timedelta = timedelta(days=7), max_backoff: float = 30.0,
-                 service: str = "shop") -> None:
+                 service: str = "shop", instance: str | None = None,
+                 orphan_after: timedelta = timedelta(seconds=15)) -> None:
         self._service = service
+        self._instance = instance
+        self._orphan_after = orphan_after
         self._engine = engine
         self._publisher = publisher
         self._write_lock = write_lock
@@ -145,7 +154,7 @@ class Relay:
                 await self._measure_backlog()
             if loop.time() - last_cleanup > 60:
                 last_cleanup = loop.time()
-                await self._cleanup()
+                await self.cleanup()
             await self._wait(self._poll_interval if not failed else min(self._poll_interval,
                                                                         0.2))
 
@@ -161,7 +170,8 @@ class Relay:
                 select(outbox.c.id, outbox.c.event_type, outbox.c.body, outbox.c.attempts,
                        outbox.c.partition_key, outbox.c.trace_context)
                 .where(outbox.c.sent_at.is_(None),
-                       or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now))
+                       or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now),
+                       self._mine_or_orphaned(now))
                 .order_by(outbox.c.id).limit(self._batch)
             )).all()
             if not rows:
@@ -195,6 +205,15 @@ class Relay:
                         sent=len(sent_ids), error=str(exc) or type(exc).__name__,
                         error_type=type(exc).__name__, first_event_type=row.event_type)
         return len(sent_ids), len(failures)
+
+    def _mine_or_orphaned(self, now: datetime) -> ColumnElement[bool]:
+        """Replicas sharing one database each publish their own rows, so an event goes out
+        once; a row whose process died is taken over by any relay after the orphan age (two
+        relays taking the same orphan publish it twice: consumers dedupe it)."""
+        if self._instance is None:
+            return true()
+        return or_(outbox.c.instance == self._instance, outbox.c.instance.is_(None),
+                   outbox.c.created_at < now - self._orphan_after)
 
     async def _publish_in_order(self, rows: list[Any]
                                 ) -> tuple[list[int], tuple[Any, BaseException] | None]:
@@ -234,7 +253,8 @@ class Relay:
         OUTBOX_AGE.labels(self._service).set(
             (utcnow() - oldest).total_seconds() if oldest is not None else 0)
 
-    async def _cleanup(self) -> None:
+    async def cleanup(self) -> None:
+        """Delete sent rows and handled-event records older than the retention."""
         cutoff = utcnow() - self._retention
         try:
             async with self._write_lock, self._engine.begin() as conn:

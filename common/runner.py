@@ -97,6 +97,7 @@ class Runtime(Generic[StoreT]):
         self.connection: AbstractRobustConnection | None = None
         self.publisher: Publisher | None = None
         self.relay: Relay | None = None
+        self.instance = instance_name(spec.name)
         # SQLite has one writer at a time: serialise our own writers instead of letting them
         # fail with "database is locked"; PostgreSQL needs no such lock.
         self.write_lock = asyncio.Lock() if is_sqlite(engine) else _NullLock()
@@ -105,7 +106,7 @@ class Runtime(Generic[StoreT]):
         """Run `work` in one transaction, store its events in the outbox, commit, publish."""
         async with self.write_lock, self.engine.begin() as conn:
             events = [self._stamp(e) for e in await work(conn)]
-            await add_to_outbox(conn, events)
+            await add_to_outbox(conn, events, self.instance)
         if self.relay is not None:
             self.relay.wake()
         return events
@@ -153,7 +154,7 @@ class ServiceRunner(Generic[StoreT]):
         self._consumers: dict[str, tuple[AbstractChannel, AbstractQueue, str]] = {}
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._instance = instance_name(spec.name)
+        self._instance = self.runtime.instance
 
     def _subscriptions(self) -> list[Subscription[StoreT]]:
         subs = [
@@ -179,7 +180,7 @@ class ServiceRunner(Generic[StoreT]):
         rt.publisher = Publisher(rt.connection, self.topology, self.spec.name)
         rt.relay = Relay(rt.engine, rt.publisher, write_lock=rt.write_lock,  # type: ignore[arg-type]
                          retention=timedelta(hours=self.settings.retention_hours),
-                         service=self.spec.name)
+                         service=self.spec.name, instance=rt.instance)
         await self._declare_audit()
         for sub in self.subscriptions:
             await self._consume(sub)
@@ -361,8 +362,10 @@ class ServiceRunner(Generic[StoreT]):
                  error: str | None, received_at: datetime, started: float,
                  message: AbstractIncomingMessage | None = None, attempt: int | None = None
                  ) -> DeliveryReceipt:
-        correlation = event.correlation_id if event else (message.correlation_id
-                                                          if message else None)
+        correlation = event.correlation_id if event else (
+            # A malformed message's own correlation id may be anything; the receipt's field
+            # is bounded, so keep what fits rather than lose the receipt.
+            (message.correlation_id or "")[:128] or None if message else None)
         return DeliveryReceipt(
             subscriber=self.spec.name,
             queue=sub.queue,

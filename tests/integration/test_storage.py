@@ -240,7 +240,7 @@ async def test_retention_removes_old_sent_rows_and_old_inbox_records_only(
         ])
 
     # The relay runs this once a minute; called directly so the test need not wait for it.
-    await relay_for(engine, RecordingPublisher(), retention=timedelta(days=7))._cleanup()
+    await relay_for(engine, RecordingPublisher(), retention=timedelta(days=7)).cleanup()
 
     assert set(await outbox_rows(engine)) == {str(sent_lately.event_id),
                                                str(never_sent.event_id)}
