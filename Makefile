@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-m unit -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help install broker test lint demo up clean
+.PHONY: help install install-bench broker test lint demo up clean bench bench-smoke
 
 help:
 	@echo "make install   create $(VENV) (if missing) and install the project with its dev tools"
@@ -15,6 +15,9 @@ help:
 	@echo "make lint      ruff check and mypy --strict"
 	@echo "make demo      install, broker, start the services, place a sample order, show its status"
 	@echo "make up        run the four services (shop up)"
+	@echo "make bench     the benchmark: raw aio-pika, FastStream, the kit and the system, several"
+	@echo "               rounds; a table and bench/results/<time>.json (BENCH_ARGS=--help for options)"
+	@echo "make bench-smoke  every benchmark case once with tiny sizes (CI): completes, no timing goal"
 	@echo "make clean     remove caches, build output and the local databases in data/"
 
 install: $(VENV)/.installed
@@ -23,6 +26,14 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# The benchmark's extra tools (FastStream, the peer it is measured beside), beside the dev ones.
+install-bench: $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $@
 
 broker:
@@ -40,6 +51,15 @@ lint: install
 
 demo:
 	scripts/demo
+
+# Extra arguments for the benchmark, e.g. `make bench BENCH_ARGS="--rounds 5 --cases fanout,kit"`.
+BENCH_ARGS ?=
+
+bench: install-bench broker
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-smoke: install-bench broker
+	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
 
 up: install
 	$(BIN)/shop up

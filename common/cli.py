@@ -5,25 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import json
 import os
 import signal
 import sys
 from enum import StrEnum
-from typing import Annotated, Any
-from urllib.parse import quote
+from typing import Annotated
 
-import httpx
 import typer
 from rich.console import Console
-from rich.table import Table
-from yarl import URL
 
 from common.broker import connect, safe_url
 from common.dlq_cli import app as dlq_app
-from common.logging import get_logger
+from common.doctor import doctor
+from common.queues_cli import queues
 from common.settings import ServiceSettings
-from common.topology import Topology
 from inventory_service.cli import app as inventory_app
 from logistics_service.cli import app as logistics_app
 from order_service.cli import app as order_app
@@ -39,9 +34,9 @@ app.add_typer(inventory_app, name="inventory", help="Stock levels (the inventory
 app.add_typer(logistics_app, name="logistics", help="Shipments (the logistics service).")
 app.add_typer(seller_app, name="seller", help="Sellers' inboxes (the seller service).")
 app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge.")
+app.command()(queues)
+app.command()(doctor)
 
-console = Console()
-log = get_logger(__name__)
 err = Console(stderr=True)
 
 
@@ -139,105 +134,6 @@ async def _pump(name: str, proc: asyncio.subprocess.Process, width: int) -> None
         line = raw.decode(errors="replace").rstrip("\n")
         sys.stdout.write(prefix + line + "\n")
         sys.stdout.flush()
-
-
-@app.command()
-def queues(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-) -> None:
-    """Every queue of the system: ready and unacked messages, consumers, dead letters."""
-    settings = ServiceSettings()
-    try:
-        rows, source = _queues_from_management(settings), "management API"
-    except (httpx.HTTPError, ValueError) as exc:
-        err.print(f"management API not reachable ({exc}); using AMQP passive declares, "
-                  "which cannot count unacked messages")
-        rows, source = asyncio.run(_queues_from_amqp(settings)), "amqp"
-    if as_json:
-        console.print_json(json.dumps({"source": source, "queues": rows}))
-        return
-    table = Table(title=f"queues ({source})")
-    for column in ("queue", "ready", "unacked", "consumers", "dead letters"):
-        table.add_column(column, justify="left" if column == "queue" else "right")
-    for row in rows:
-        style = "red" if row["consumers"] == 0 or (row["dead_letters"] or 0) > 0 else None
-        table.add_row(row["queue"], _fmt(row["ready"]), _fmt(row["unacked"]),
-                      _fmt(row["consumers"]), _fmt(row["dead_letters"]), style=style)
-    console.print(table)
-
-
-def _fmt(value: object) -> str:
-    return "-" if value is None else str(value)
-
-
-def _system_queue_names(settings: ServiceSettings) -> list[str]:
-    """The queues the four services declare, from their handler tables."""
-    topology = Topology(settings.name_prefix)
-    names = [topology.audit_queue]
-    for name in SERVICES:
-        spec = importlib.import_module(f"{name}_service.__main__").SPEC
-        names += [topology.queue(spec.name, cls) for cls in spec.handlers]
-    return sorted(names)
-
-
-_COLUMNS = "name,messages_ready,messages_unacknowledged,consumers"
-
-
-def _queues_from_management(settings: ServiceSettings) -> list[dict[str, Any]]:
-    url = URL(settings.management_url)
-    auth = (url.user or "guest", url.password or "guest")
-    base = str(url.with_user(None).with_password(None)).rstrip("/")
-    vhost = URL(settings.amqp_url).path.lstrip("/") or "/"
-    response = httpx.get(f"{base}/api/queues/{quote(vhost, safe='')}",
-                         params={"columns": _COLUMNS},
-                         auth=auth, timeout=5)
-    response.raise_for_status()
-    by_name = {q["name"]: q for q in response.json()}
-    prefix = settings.name_prefix
-    wanted = set(_system_queue_names(settings))
-    # Also every other queue under our prefix: a subscriber service added later.
-    wanted |= {n for n in by_name if n.startswith(prefix) and not n.endswith(".dlq")
-               and (prefix or "." in n) and f"{n}.dlq" in by_name}
-    rows = []
-    for name in sorted(wanted):
-        q = by_name.get(name)
-        dlq = by_name.get(f"{name}.dlq")
-        rows.append({
-            "queue": name,
-            "ready": q.get("messages_ready") if q else None,
-            "unacked": q.get("messages_unacknowledged") if q else None,
-            "consumers": q.get("consumers") if q else None,
-            "dead_letters": dlq.get("messages_ready") if dlq else None,
-            "exists": q is not None,
-        })
-    return rows
-
-
-async def _queues_from_amqp(settings: ServiceSettings) -> list[dict[str, Any]]:
-    connection = await connect(settings.amqp_url, "shop-queues", wait=5)
-    rows = []
-    try:
-        for name in _system_queue_names(settings):
-            row: dict[str, Any] = {"queue": name, "ready": None, "unacked": None,
-                                   "consumers": None, "dead_letters": None, "exists": False}
-            for target, key in ((name, "ready"), (f"{name}.dlq", "dead_letters")):
-                channel = await connection.channel()
-                try:
-                    declared = await channel.declare_queue(target, passive=True)
-                except Exception:  # passive declare of a missing queue closes the channel
-                    log.debug("queue not found", queue=target)
-                    continue
-                result = declared.declaration_result
-                row[key] = result.message_count
-                if key == "ready":
-                    row["consumers"] = result.consumer_count
-                    row["exists"] = True
-                with contextlib.suppress(Exception):
-                    await channel.close()
-            rows.append(row)
-    finally:
-        await connection.close()
-    return rows
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ service's queue is confirmed by the broker.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import re
 import uuid
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 from aio_pika.abc import (
@@ -36,11 +34,14 @@ from yarl import URL
 
 from common.broker import Publisher, connect
 from common.events import DeliveryReceipt
+from common.observe import (
+    BUILTIN_SERVICES,
+    builtin_queues,
+    dead_letter_queue,
+    management_queue_names,
+)
 from common.settings import ServiceSettings
 from common.topology import Topology
-
-#: The services of this repository; their queues come from their handler tables.
-BUILTIN_SERVICES = ("order", "inventory", "logistics", "seller")
 
 #: Who the replay receipts say produced them.
 PRODUCER = "shop-dlq"
@@ -250,12 +251,7 @@ def replay_receipt(letter: DeadLetter, service: str, now: datetime | None = None
 def builtin_dead_letter_queues(prefix: str, service: str) -> list[str]:
     """A built-in service's dead-letter queues, from its handler table (and, for the order
     service, the audit queue its tracker consumes)."""
-    topology = Topology(prefix)
-    spec = importlib.import_module(f"{service}_service.__main__").SPEC
-    queues = [topology.queue(spec.name, cls) for cls in spec.handlers]
-    if spec.audit_handlers:
-        queues.append(topology.audit_queue)
-    return sorted(topology.dlq(q) for q in queues)
+    return sorted(dead_letter_queue(q) for q in builtin_queues(prefix, service))
 
 
 async def dead_letter_queues(settings: ServiceSettings, service: str) -> list[str]:
@@ -298,19 +294,6 @@ async def system_dead_letter_queues(settings: ServiceSettings) -> list[str]:
         names |= {n for n in await management_queue_names(settings)
                   if n.startswith(settings.name_prefix) and n.endswith(".dlq")}
     return sorted(names)
-
-
-async def management_queue_names(settings: ServiceSettings) -> list[str]:
-    """Every queue name in the broker's virtual host, from the management HTTP API."""
-    url = URL(settings.management_url)
-    auth = (url.user or "guest", url.password or "guest")
-    base = str(url.with_user(None).with_password(None).with_query(None)).rstrip("/")
-    vhost = URL(settings.amqp_url).path.lstrip("/") or "/"
-    async with httpx.AsyncClient(auth=auth, timeout=5) as client:
-        response = await client.get(f"{base}/api/queues/{quote(vhost, safe='')}",
-                                    params={"columns": "name"})
-        response.raise_for_status()
-        return [str(q["name"]) for q in response.json()]
 
 
 # --- operations ---------------------------------------------------------------------------

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Annotated, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Generic, Protocol, TypeVar
 
 import uvicorn
+from aio_pika.abc import AbstractConnection
 from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,21 +21,32 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.events import Event
+from common.observe import (
+    Announced,
+    SystemReport,
+    compare,
+    event_exchanges,
+    read_broker,
+)
 from common.settings import ServiceSettings
 from common.telemetry import tracer
+from common.topology import Topology
 from order_service.domain import (
     NewOrder,
     OrderState,
     OrderStatus,
     OrderSummary,
+    OrderTrace,
     OrderView,
     Subscriber,
     place_order,
 )
 from order_service.settings import OrderSettings
 from order_service.store import OrderStore
+from order_service.webpage import index_page
 
 Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]
+T = TypeVar("T")
 
 
 class OrderRuntime(Protocol):
@@ -83,6 +98,27 @@ class Problem(BaseModel):
     """An error answer."""
 
     detail: str
+
+
+class Recent(Generic[T]):
+    """The last answer of an expensive read, reused for `ttl` seconds.
+
+    However many pages poll `GET /system`, the broker and the late orders are read at most
+    once per `ttl`; callers arriving meanwhile wait for the read in progress.
+    """
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        self._lock = asyncio.Lock()
+        self._value: T | None = None
+        self._at = 0.0
+
+    async def get(self, read: Callable[[], Awaitable[T]]) -> T:
+        async with self._lock:
+            if self._value is None or time.monotonic() - self._at >= self.ttl:
+                self._value = await read()
+                self._at = time.monotonic()
+            return self._value
 
 
 class BodyLimit:
@@ -156,10 +192,18 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
+    late_after = timedelta(seconds=settings.late_after)
+    recent: Recent[SystemReport] = Recent()
+
     def need() -> OrderRuntime:
         if runtime is None:
             raise HTTPException(503, "the order service is not running")
         return runtime
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        """The live page: recent orders, a light per subscriber, queues, problems."""
+        return index_page()
 
     @app.post("/orders", status_code=202, response_model=OrderAccepted,
               responses={413: {"model": Problem, "description": "Body too large."}},
@@ -191,26 +235,79 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
              responses={404: {"model": Problem, "description": "Unknown order."}},
              summary="An order's status")
     async def get_order(order_id: uuid.UUID) -> OrderStatus:
-        """The order, its state, each subscriber's answer and the domain outcomes."""
+        """The order, its state, each subscriber's answer and the domain outcomes.
+
+        An expected subscriber without a final answer `ORDER_LATE_AFTER` seconds after the
+        order was placed is late.
+        """
         async with need().engine.connect() as conn:
-            status = await OrderStore(conn).status(order_id)
+            status = await OrderStore(conn).status(order_id, now=datetime.now(UTC),
+                                                   late_after=late_after)
         if status is None:
             raise HTTPException(404, f"order {order_id} not found")
         return status
 
+    @app.get("/orders/{order_id}/trace", response_model=OrderTrace,
+             responses={404: {"model": Problem, "description": "Unknown order."}},
+             summary="An order's timeline")
+    async def trace_order(order_id: uuid.UUID) -> OrderTrace:
+        """Placed, published, every receipt of its flow and every outcome, in time order."""
+        async with need().engine.connect() as conn:
+            found = await OrderStore(conn).trace(order_id)
+        if found is None:
+            raise HTTPException(404, f"order {order_id} not found")
+        return found
+
     @app.get("/orders", response_model=list[OrderSummary], summary="The latest orders")
     async def list_orders(
         limit: Annotated[int, Query(ge=1, le=1000, description="How many, newest first.")] = 50,
+        late: Annotated[bool, Query(description="Only orders with a late subscriber.")] = False,
     ) -> list[OrderSummary]:
-        """The latest orders, newest first, with their fan-out counts."""
+        """The latest orders, newest first, with their fan-out counts and each subscriber's
+        status."""
+        now = datetime.now(UTC)
         async with need().engine.connect() as conn:
-            return await OrderStore(conn).list_orders(limit)
+            store = OrderStore(conn)
+            if late:
+                return await store.late_orders(now, late_after, limit=limit)
+            return await store.list_orders(limit, now=now, late_after=late_after)
 
     @app.get("/subscribers", response_model=list[Subscriber], summary="The subscriber registry")
     async def list_subscribers() -> list[Subscriber]:
         """Every subscriber that announced itself, and what it consumes."""
         async with need().engine.connect() as conn:
             return await OrderStore(conn).list_subscribers()
+
+    @app.get("/system", response_model=SystemReport, summary="Expected vs actual")
+    async def system() -> SystemReport:
+        """The subscriber registry against the broker's real topology.
+
+        Reports an announced subscriber whose queue is missing or has no consumer, a queue
+        bound to an event exchange that nobody announced, stale subscribers, dead letters
+        waiting and late orders. The broker is read through the management API (through
+        AMQP passive declares when it does not answer). The answer is computed at most once
+        a second, however many clients ask.
+        """
+        return await recent.get(functools.partial(_system, need()))
+
+    async def _system(rt: OrderRuntime) -> SystemReport:
+        now = datetime.now(UTC)
+        async with rt.engine.connect() as conn:
+            store = OrderStore(conn)
+            registry = await store.list_subscribers()
+            late = len(await store.late_orders(now, late_after))
+        kit = [Topology(settings.name_prefix).audit_queue]
+        expected = sorted({q for s in registry for q in s.consumes.values()} | set(kit))
+        # The service's own connection serves the AMQP fallback (the protocol does not promise
+        # one: the API's tests run without a broker).
+        connection = getattr(rt, "connection", None)
+        snapshot = await read_broker(
+            settings, expected, exchanges=event_exchanges(settings.name_prefix),
+            connection=connection if isinstance(connection, AbstractConnection) else None)
+        return compare(snapshot, [Announced(s.name, s.consumes, s.last_seen) for s in registry],
+                       prefix=settings.name_prefix, now=now,
+                       announce_interval=settings.announce_interval, late_orders=late,
+                       kit_queues=kit)
 
     @app.get("/healthz", response_model=Health,
              responses={503: {"model": Health, "description": "Broker or database down."}},

@@ -208,6 +208,11 @@ def place(
         typer.echo(accepted["order_id"])
 
 
+#: How each subscriber status shows: late stands out from pending.
+STATUS_COLOURS = {"handled": "green", "failed": "red", "retrying": "yellow",
+                  "pending": "yellow", "late": "bold magenta"}
+
+
 def _status_view(status: dict[str, Any]) -> None:
     console = Console()
     order = status["order"]
@@ -221,13 +226,14 @@ def _status_view(status: dict[str, Any]) -> None:
     table = Table(title="Subscribers of OrderPlaced", title_justify="left")
     for column in ("subscriber", "outcome", "error", "duration", "at"):
         table.add_column(column)
-    colour = {"handled": "green", "failed": "red", "retrying": "yellow", "pending": "yellow"}
     for sub in status["subscribers"]:
         name = sub["name"] if sub["expected"] else f"{sub['name']} (joined later)"
         duration = sub.get("duration_ms")
-        table.add_row(name, Text(sub["status"], style=colour.get(sub["status"], "")),
-                      sub.get("error") or "",
-                      "" if duration is None else f"{duration:.1f} ms",
+        error = sub.get("error") or ""
+        if sub.get("dead_letter_queue"):
+            error += f"\nwaits in {sub['dead_letter_queue']}"
+        table.add_row(name, Text(sub["status"], style=STATUS_COLOURS.get(sub["status"], "")),
+                      error, "" if duration is None else f"{duration:.1f} ms",
                       _when(sub.get("at")))
     if not status["subscribers"]:
         console.print("[yellow]no subscriber of OrderPlaced was registered when this order "
@@ -252,7 +258,7 @@ def status(
     wait: Annotated[float | None, typer.Option(
         "--wait", min=0, metavar="SECONDS",
         help="Wait up to this long for every expected subscriber to answer; "
-             "exit 1 if some are still pending then.")] = None,
+             "exit 1 if some are still pending, retrying or late then.")] = None,
     api: Api = DEFAULT_API,
     as_json: AsJson = False,
 ) -> None:
@@ -275,9 +281,9 @@ def status(
     else:
         _status_view(current)
     if deadline is not None and not current["complete"]:
-        pending = [s["name"] for s in current["subscribers"]
-                   if s["status"] in ("pending", "retrying")]
-        _fail(f"still waiting after {wait:g}s for: {', '.join(pending)}")
+        waiting = [f"{s['name']} ({s['status']})" for s in current["subscribers"]
+                   if s["status"] in ("pending", "retrying", "late")]
+        _fail(f"still waiting after {wait:g}s for: {', '.join(waiting)}")
 
 
 @app.command("list")
@@ -298,10 +304,11 @@ def list_orders(
     table.add_column("total", justify="right", no_wrap=True)
     table.add_column("handled", no_wrap=True)
     for o in orders:
-        answered = o["handled"] + o["failed"]
-        handled = f"{o['handled']}/{answered + o['pending']}"
-        if o["failed"]:
-            handled += f" ({o['failed']} failed)"
+        others = o["failed"] + o["pending"] + o.get("retrying", 0) + o.get("late", 0)
+        handled = Text(f"{o['handled']}/{o['handled'] + others}")
+        for key in ("failed", "late"):
+            if o.get(key):
+                handled.append(f" ({o[key]} {key})", style=STATUS_COLOURS[key])
         table.add_row(o["order_id"], o["state"], f"{o['total']} {o['currency']}", handled)
     Console().print(table)
 
@@ -323,4 +330,38 @@ def subscribers(api: Api = DEFAULT_API, as_json: AsJson = False) -> None:
         # Queue names are long and follow from the names (`--json` has them): events only.
         table.add_row(s["name"], "\n".join(sorted(s["consumes"])), s["instance"],
                       _when(s["first_seen"]), _when(s["last_seen"]))
+    Console().print(table)
+
+
+@app.command()
+def trace(
+    order_id: Annotated[str, typer.Argument(help="The order's id.")],
+    api: Api = DEFAULT_API,
+    as_json: AsJson = False,
+) -> None:
+    """The order's timeline across the services: placed, published, each receipt, each
+    outcome, with the time since placement and how long each step took."""
+    try:
+        uuid.UUID(order_id)
+    except ValueError:
+        _fail(f"{order_id!r} is not an order id (a UUID)", BAD_INPUT)
+    found = _check(_request(api, "GET", f"/orders/{order_id}/trace"))
+    if as_json:
+        print_json(found)
+        return
+    table = Table(title=f"order {found['order_id']}", title_justify="left")
+    table.add_column("+ms", justify="right", no_wrap=True)
+    table.add_column("service", no_wrap=True)
+    table.add_column("step", no_wrap=True)
+    table.add_column("what", overflow="fold")
+    table.add_column("took", justify="right", no_wrap=True)
+    colours = {"handled": "green", "duplicate": "green", "retried": "yellow",
+               "dead_lettered": "red", "replayed": "yellow"}
+    for step in found["steps"]:
+        kind = step["kind"]
+        label = Text(kind if not step.get("outcome") or kind != "receipt"
+                     else step["outcome"], style=colours.get(step.get("outcome") or "", ""))
+        took = step.get("duration_ms")
+        table.add_row(f"{step['since_placed_ms']:.1f}", step["service"], label, step["what"],
+                      "" if took is None else f"{took:.1f} ms")
     Console().print(table)

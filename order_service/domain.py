@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal, Self
@@ -113,12 +113,15 @@ def advance(current: OrderState, seen: OrderState) -> OrderState:
 # --- fan-out status ---------------------------------------------------------------------
 
 ReceiptOutcome = Literal["handled", "duplicate", "retried", "dead_lettered", "replayed"]
-SubscriberOutcome = Literal["handled", "failed", "retrying", "pending"]
+SubscriberOutcome = Literal["handled", "failed", "retrying", "pending", "late"]
 
 #: What a subscriber's latest unsuccessful receipt makes of it: a delivery waiting in a delay
 #: queue is retrying; one sent back from the dead-letter queue is pending again.
 _UNSUCCESSFUL: dict[str, SubscriberOutcome] = {
     "dead_lettered": "failed", "retried": "retrying", "replayed": "pending"}
+
+#: A subscriber in one of these has given its final answer; any other status can turn late.
+FINAL: frozenset[str] = frozenset({"handled", "failed"})
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class Receipt:
     at: datetime
     error: str | None = None
     duration_ms: float | None = None
+    #: The queue the delivery came from; its dead-letter queue is this name + ".dlq".
+    queue: str | None = None
 
 
 class SubscriberStatus(BaseModel):
@@ -141,10 +146,17 @@ class SubscriberStatus(BaseModel):
     expected: bool = Field(description="Registered for OrderPlaced when the order was placed.")
     status: SubscriberOutcome = Field(
         description="handled; failed (in its dead-letter queue); retrying (failed, waiting in a "
-                    "delay queue); or pending (no answer yet, or replayed from the DLQ).")
+                    "delay queue); pending (no answer yet, or replayed from the DLQ); or late "
+                    "(an expected subscriber with no final answer within the deadline, "
+                    "ORDER_LATE_AFTER).")
+    late: bool = Field(default=False,
+                       description="No final answer (handled or failed) within the deadline.")
     outcome: ReceiptOutcome | None = Field(
         default=None, description="The receipt the status comes from, if any.")
     error: str | None = Field(default=None, description="Why it failed, when it did.")
+    dead_letter_queue: str | None = Field(
+        default=None, description="Where the failed delivery waits for an operator, when failed.",
+        examples=["logistics.order.placed.dlq"])
     at: datetime | None = Field(default=None, description="When the delivery arrived.")
     duration_ms: float | None = Field(default=None, description="How long it took.")
 
@@ -155,11 +167,20 @@ class FanOut(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     subscribers: tuple[SubscriberStatus, ...]
-    complete: bool = Field(description="No subscriber is pending.")
+    complete: bool = Field(description="Every subscriber gave its final answer.")
 
     @property
     def pending(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.subscribers if s.status == "pending")
+
+    @property
+    def unanswered(self) -> tuple[str, ...]:
+        """Subscribers without a final answer yet: pending, retrying or late."""
+        return tuple(s.name for s in self.subscribers if s.status not in FINAL)
+
+    @property
+    def late(self) -> bool:
+        return any(s.late for s in self.subscribers)
 
     def count(self, status: SubscriberOutcome) -> int:
         return sum(1 for s in self.subscribers if s.status == status)
@@ -177,11 +198,24 @@ def _decisive(receipts: list[Receipt]) -> Receipt:
     return max(pool, key=lambda r: r.at)
 
 
-def fan_out(expected: Iterable[str], receipts: Iterable[Receipt]) -> FanOut:
-    """Per subscriber, handled / failed / pending, from the expected set and the receipts.
+def is_late(since: datetime, now: datetime, late_after: timedelta) -> bool:
+    """More than `late_after` has passed since `since` (the deadline is exclusive)."""
+    return now - since > late_after
+
+
+def fan_out(expected: Iterable[str], receipts: Iterable[Receipt], *,
+            placed_at: datetime | None = None, now: datetime | None = None,
+            late_after: timedelta | None = None) -> FanOut:
+    """Per subscriber, handled / failed / retrying / pending / late, from the expected set
+    and the receipts.
 
     Subscribers that answered without being expected (they announced themselves after the
     order was placed, but their queue got the event) are listed too, marked unexpected.
+
+    With `placed_at`, `now` and `late_after`, an expected subscriber without a final answer
+    (handled or failed) more than `late_after` after the order was placed is late. An
+    operator's replay from the dead-letter queue starts its clock again: the subscriber gets
+    the same time to answer the replayed delivery.
     """
     expected_set = set(expected)
     by_subscriber: dict[str, list[Receipt]] = {}
@@ -189,22 +223,30 @@ def fan_out(expected: Iterable[str], receipts: Iterable[Receipt]) -> FanOut:
         by_subscriber.setdefault(receipt.subscriber, []).append(receipt)
     statuses: list[SubscriberStatus] = []
     for name in sorted(expected_set | by_subscriber.keys()):
-        mine = by_subscriber.get(name)
-        if not mine:
-            statuses.append(SubscriberStatus(name=name, expected=True, status="pending"))
-            continue
-        receipt = _decisive(mine)
+        mine = by_subscriber.get(name, [])
+        decisive = _decisive(mine) if mine else None
+        status: SubscriberOutcome = ("pending" if decisive is None
+                                     else _UNSUCCESSFUL.get(decisive.outcome, "handled"))
+        late = False
+        if (placed_at is not None and now is not None and late_after is not None
+                and name in expected_set and status not in FINAL):
+            replays = [r.at for r in mine if r.outcome == "replayed"]
+            late = is_late(max([placed_at, *replays]), now, late_after)
+        dlq = (f"{decisive.queue}.dlq" if decisive is not None and status == "failed"
+               and decisive.queue else None)
         statuses.append(SubscriberStatus(
             name=name,
             expected=name in expected_set,
-            status=_UNSUCCESSFUL.get(receipt.outcome, "handled"),
-            outcome=receipt.outcome,
-            error=receipt.error,
-            at=receipt.at,
-            duration_ms=receipt.duration_ms,
+            status="late" if late else status,
+            late=late,
+            outcome=decisive.outcome if decisive else None,
+            error=decisive.error if decisive else None,
+            dead_letter_queue=dlq,
+            at=decisive.at if decisive else None,
+            duration_ms=decisive.duration_ms if decisive else None,
         ))
     return FanOut(subscribers=tuple(statuses),
-                  complete=all(s.status in ("handled", "failed") for s in statuses))
+                  complete=all(s.status in FINAL for s in statuses))
 
 
 # --- what the API and the CLI show ------------------------------------------------------
@@ -254,6 +296,15 @@ class OrderStatus(BaseModel):
     outcomes: tuple[Outcome, ...]
 
 
+class SubscriberLight(BaseModel):
+    """One subscriber's status in an order summary: a light on a row."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(examples=["inventory"])
+    status: SubscriberOutcome
+
+
 class OrderSummary(BaseModel):
     """One line of `GET /orders`."""
 
@@ -267,7 +318,11 @@ class OrderSummary(BaseModel):
     state: OrderState
     handled: int = Field(description="Subscribers that handled OrderPlaced.")
     failed: int = Field(description="Subscribers that dead-lettered it.")
-    pending: int = Field(description="Expected subscribers that have not answered.")
+    pending: int = Field(description="Expected subscribers that have not answered yet.")
+    retrying: int = Field(0, description="Subscribers waiting to retry a failed delivery.")
+    late: int = Field(0, description="Expected subscribers with no final answer in time.")
+    subscribers: tuple[SubscriberLight, ...] = Field(
+        (), description="Each subscriber's status, by name.")
 
 
 class Subscriber(BaseModel):
@@ -297,3 +352,106 @@ def outcome_detail(kind: OutcomeKind, detail: Mapping[str, Any]) -> str:
     lines = detail.get("lines", [])
     return f"seller {detail.get('seller_id')} notified of {len(lines)} line(s)"
 
+
+
+# --- the order's trace ------------------------------------------------------------------
+
+TraceKind = Literal["placed", "published", "receipt", "outcome"]
+
+#: The event each outcome kind comes from.
+OUTCOME_EVENTS: dict[str, str] = {
+    "stock_reserved": "StockReserved", "stock_failed": "StockReservationFailed",
+    "shipment": "ShipmentScheduled", "seller": "SellerNotified"}
+
+#: Where each step kind sorts among steps at the same instant.
+_KIND_RANK = {"placed": 0, "published": 1, "receipt": 2, "outcome": 3}
+
+
+class TraceStep(BaseModel):
+    """One step of an order's journey across the services."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime = Field(description="When it happened.")
+    since_placed_ms: float = Field(description="Milliseconds since the order was placed.")
+    service: str = Field(description="The service that took the step.", examples=["inventory"])
+    kind: TraceKind = Field(description="placed, published, receipt or outcome.")
+    what: str = Field(description="What happened, in a line.")
+    outcome: str | None = Field(default=None,
+                                description="A receipt's outcome, or an outcome's kind.")
+    duration_ms: float | None = Field(default=None, description="How long the step took.")
+
+
+class OrderTrace(BaseModel):
+    """`GET /orders/{id}/trace`: the order's timeline, oldest step first."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order_id: uuid.UUID
+    steps: tuple[TraceStep, ...]
+
+
+@dataclass(frozen=True)
+class TracedReceipt:
+    """A receipt about any event of the order's flow (its OrderPlaced or an outcome)."""
+
+    subscriber: str
+    queue: str
+    event_type: str | None
+    outcome: str
+    at: datetime
+    duration_ms: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TracedOutcome:
+    """An outcome event about the order, and who produced it."""
+
+    kind: OutcomeKind
+    at: datetime
+    producer: str | None
+    detail: Mapping[str, Any]
+
+
+def trace(order_id: uuid.UUID, placed_at: datetime, *, published_at: datetime | None,
+          receipts: Iterable[TracedReceipt], outcomes: Iterable[TracedOutcome]) -> OrderTrace:
+    """The order's steps in time order.
+
+    `published_at` is when the broker confirmed the OrderPlaced (from the outbox). A
+    subscriber can get the event before that confirmation reaches the publisher, and the
+    outbox forgets sent rows after the retention period, so the published step is at the
+    earlier of the confirmation and the first receipt of the OrderPlaced.
+    """
+    receipts = list(receipts)
+    steps: list[TraceStep] = []
+
+    def step(at: datetime, service: str, kind: TraceKind, what: str,
+             outcome: str | None = None, duration_ms: float | None = None) -> None:
+        steps.append(TraceStep(at=at, since_placed_ms=round((at - placed_at).total_seconds()
+                                                            * 1000, 3),
+                               service=service, kind=kind, what=what, outcome=outcome,
+                               duration_ms=duration_ms))
+
+    step(placed_at, SERVICE_NAME, "placed", "OrderPlaced stored with the order (outbox)")
+    first = min((r.at for r in receipts if r.event_type == "OrderPlaced"), default=None)
+    if published_at is not None and (first is None or published_at <= first):
+        step(published_at, SERVICE_NAME, "published", "OrderPlaced published (broker confirmed)")
+    elif first is not None and published_at is not None:
+        later = (published_at - first).total_seconds() * 1000
+        step(first, SERVICE_NAME, "published", "OrderPlaced published (first receipt; the "
+             f"broker's confirmation reached the order service {later:.1f} ms later)")
+    elif first is not None:
+        step(first, SERVICE_NAME, "published", "OrderPlaced published (proved by the first "
+             "receipt)")
+    for r in receipts:
+        what = f"{r.event_type or 'unreadable message'} from {r.queue}"
+        if r.error:
+            what += f": {r.error}"
+        step(r.at, r.subscriber, "receipt", what, r.outcome, r.duration_ms)
+    for o in outcomes:
+        step(o.at, o.producer or "unknown", "outcome",
+             f"{OUTCOME_EVENTS.get(o.kind, o.kind)}: {outcome_detail(o.kind, o.detail)}",
+             o.kind)
+    steps.sort(key=lambda s: (s.at, _KIND_RANK[s.kind]))
+    return OrderTrace(order_id=order_id, steps=tuple(steps))

@@ -23,7 +23,7 @@ async def stock_reserved(event: StockReserved, store: OrderStore) -> list[Event]
     """Inventory reserved every line: the order is confirmed."""
     await store.record_outcome(event.order_id, "stock_reserved",
                                event.model_dump(mode="json", include={"lines"}),
-                               event.occurred_at, event.event_id)
+                               event.occurred_at, event.event_id, event.producer)
     await store.advance_state(event.order_id, OrderState.CONFIRMED)
     return []
 
@@ -33,7 +33,7 @@ async def stock_reservation_failed(event: StockReservationFailed,
     """Inventory could not reserve the order: it is rejected, with the reason kept."""
     await store.record_outcome(event.order_id, "stock_failed",
                                event.model_dump(mode="json", include={"reason", "lines"}),
-                               event.occurred_at, event.event_id)
+                               event.occurred_at, event.event_id, event.producer)
     await store.advance_state(event.order_id, OrderState.REJECTED)
     return []
 
@@ -44,7 +44,7 @@ async def shipment_scheduled(event: ShipmentScheduled, store: OrderStore) -> lis
         event.order_id, "shipment",
         event.model_dump(mode="json", include={"shipment_id", "carrier", "tracking_number",
                                                "estimated_delivery"}),
-        event.occurred_at, event.event_id)
+        event.occurred_at, event.event_id, event.producer)
     # Any outcome proves OrderPlaced was published, even if its receipts come later.
     await store.advance_state(event.order_id, OrderState.PLACED)
     return []
@@ -54,7 +54,7 @@ async def seller_notified(event: SellerNotified, store: OrderStore) -> list[Even
     """A seller was told about its lines."""
     await store.record_outcome(event.order_id, "seller",
                                event.model_dump(mode="json", include={"seller_id", "lines"}),
-                               event.occurred_at, event.event_id)
+                               event.occurred_at, event.event_id, event.producer)
     await store.advance_state(event.order_id, OrderState.PLACED)
     return []
 

@@ -22,3 +22,6 @@ class OrderSettings(ServiceSettings):
     http_host: str = Field("127.0.0.1", description="Where the HTTP API listens.")
     http_port: int = Field(8000, ge=1, le=65535, description="The HTTP API's port.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body.")
+    late_after: float = Field(
+        30.0, gt=0, description="Seconds an expected subscriber has to answer an order before "
+                                "it is reported late (ORDER_LATE_AFTER).")

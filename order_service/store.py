@@ -5,27 +5,33 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.db import UTCDateTime
 from common.events import DeliveryReceipt, OrderPlaced, SubscriberAnnounced
+from common.outbox import outbox
 from order_service.domain import (
     FanOut,
     OrderState,
     OrderStatus,
     OrderSummary,
+    OrderTrace,
     OrderView,
     Outcome,
     Receipt,
     ReceiptOutcome,
     Subscriber,
+    SubscriberLight,
+    TracedOutcome,
+    TracedReceipt,
     advance,
     fan_out,
+    trace,
 )
 
 metadata = sa.MetaData()
@@ -94,7 +100,33 @@ outcomes = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
     sa.Column("at", UTCDateTime(), nullable=False),
     sa.Column("event_id", sa.String(36), nullable=False),
+    # The service that produced the outcome event, for the order's trace (added later:
+    # nullable, and `add_missing_columns` adds it to an older database).
+    sa.Column("producer", sa.String(64), nullable=True),
 )
+
+#: Receipts that are a subscriber's final word on a delivery, short of an operator's replay.
+_FINAL_OUTCOMES = ("handled", "duplicate", "dead_lettered")
+#: Orders examined per query when looking for late ones.
+_LATE_BATCH = 500
+
+
+async def add_missing_columns(engine: AsyncEngine) -> None:
+    """Add the columns newer code expects to an order database created before them.
+
+    Only nullable columns are ever added here, so old rows stay valid. Idempotent, and safe
+    when replicas start together (a column another replica just added is not an error).
+    """
+    async with engine.begin() as conn:
+        have = await conn.run_sync(
+            lambda sync: {c["name"] for c in sa.inspect(sync).get_columns("outcomes")})
+        if "producer" in have:
+            return
+        if conn.dialect.name == "postgresql":
+            await conn.execute(sa.text(
+                "ALTER TABLE outcomes ADD COLUMN IF NOT EXISTS producer VARCHAR(64)"))
+        else:
+            await conn.execute(sa.text("ALTER TABLE outcomes ADD COLUMN producer VARCHAR(64)"))
 
 
 def _upsert(conn: AsyncConnection, table: sa.Table, values: Mapping[str, Any],
@@ -164,11 +196,12 @@ class OrderStore:
                                     .values(state=new.value))
 
     async def record_outcome(self, order_id: uuid.UUID, kind: str, detail: Mapping[str, Any],
-                             at: datetime, event_id: uuid.UUID) -> None:
-        """Keep a domain outcome another service reported."""
+                             at: datetime, event_id: uuid.UUID,
+                             producer: str | None = None) -> None:
+        """Keep a domain outcome another service reported (and which service it was)."""
         await self.conn.execute(outcomes.insert().values(
             order_id=str(order_id), kind=kind, detail=json.dumps(detail, default=str),
-            at=at, event_id=str(event_id)))
+            at=at, event_id=str(event_id), producer=producer))
 
     # --- registry -------------------------------------------------------------------
 
@@ -271,13 +304,18 @@ class OrderStore:
 
     # --- reads ----------------------------------------------------------------------
 
-    async def status(self, order_id: uuid.UUID) -> OrderStatus | None:
-        """The order, its state, who handled its OrderPlaced, and the outcomes so far."""
+    async def status(self, order_id: uuid.UUID, *, now: datetime | None = None,
+                     late_after: timedelta | None = None) -> OrderStatus | None:
+        """The order, its state, who handled its OrderPlaced, and the outcomes so far.
+
+        With `now` and `late_after`, expected subscribers silent for longer are late.
+        """
         found = await self.get_order(order_id)
         if found is None:
             return None
         event, state = found
-        fan = (await self._fan_outs({str(order_id): str(event.event_id)}))[str(order_id)]
+        fan = (await self._fan_outs({str(order_id): str(event.event_id)}, now=now,
+                                    late_after=late_after))[str(order_id)]
         rows = (await self.conn.execute(
             sa.select(outcomes).where(outcomes.c.order_id == str(order_id))
             .order_by(outcomes.c.at, outcomes.c.id))).all()
@@ -290,23 +328,108 @@ class OrderStore:
                            for r in rows),
         )
 
-    async def list_orders(self, limit: int = 50) -> list[OrderSummary]:
-        """The latest orders first, each with its fan-out counts."""
+    async def list_orders(self, limit: int = 50, *, now: datetime | None = None,
+                          late_after: timedelta | None = None) -> list[OrderSummary]:
+        """The latest orders first, each with its fan-out counts and lights."""
         rows = (await self.conn.execute(
-            sa.select(orders.c.order_id, orders.c.customer_id, orders.c.currency,
-                      orders.c.total, orders.c.placed_at, orders.c.state, orders.c.event_id)
+            sa.select(*_SUMMARY_COLUMNS)
             .order_by(orders.c.placed_at.desc(), orders.c.order_id)
             .limit(limit))).all()
-        fans = await self._fan_outs({r.order_id: r.event_id for r in rows})
-        return [OrderSummary(
-            order_id=uuid.UUID(r.order_id), customer_id=r.customer_id, currency=r.currency,
-            total=r.total, placed_at=r.placed_at, state=OrderState(r.state),
-            handled=fans[r.order_id].count("handled"), failed=fans[r.order_id].count("failed"),
-            pending=fans[r.order_id].count("pending"),
-        ) for r in rows]
+        return await self._summaries(rows, now=now, late_after=late_after)
 
-    async def _fan_outs(self, event_ids: Mapping[str, str]) -> dict[str, FanOut]:
-        """Fan-out of each order (order id -> its OrderPlaced event id), in two queries."""
+    async def late_orders(self, now: datetime, late_after: timedelta, *,
+                          limit: int | None = None) -> list[OrderSummary]:
+        """Orders with an expected subscriber late, newest first (`limit`: at most that many).
+
+        The database narrows the search to orders placed before the deadline that some
+        expected subscriber has not finally answered (no handled, duplicate or dead-lettered
+        receipt, or one replayed since); the fan-out rule decides on those few.
+        """
+        candidates = await self._late_candidates(now - late_after)
+        found: list[OrderSummary] = []
+        for start in range(0, len(candidates), _LATE_BATCH):
+            rows = candidates[start:start + _LATE_BATCH]
+            found += [o for o in await self._summaries(rows, now=now, late_after=late_after)
+                      if o.late]
+            if limit is not None and len(found) >= limit:
+                return found[:limit]
+        return found
+
+    async def _late_candidates(self, cutoff: datetime) -> list[Any]:
+        """Orders placed by `cutoff` that an expected subscriber may not have answered."""
+
+        def unanswered_by(subscriber: Any) -> sa.ColumnElement[bool]:
+            # correlate_except: `orders` (and `order_expectations`) come from the enclosing
+            # queries, even from two levels up; only `deliveries` is this subquery's own.
+            final = sa.select(deliveries.c.id).where(
+                deliveries.c.event_id == orders.c.event_id,
+                deliveries.c.subscriber == subscriber,
+                deliveries.c.outcome.in_(_FINAL_OUTCOMES)).correlate_except(deliveries).exists()
+            replayed = sa.select(deliveries.c.id).where(
+                deliveries.c.event_id == orders.c.event_id,
+                deliveries.c.subscriber == subscriber,
+                deliveries.c.outcome == "replayed").correlate_except(deliveries).exists()
+            return sa.or_(~final, replayed)
+
+        frozen = sa.select(order_expectations.c.subscriber).where(
+            order_expectations.c.order_id == orders.c.order_id,
+            unanswered_by(order_expectations.c.subscriber)
+        ).correlate_except(order_expectations).exists()
+        # The registry's subscribers count for orders placed after they started (as in
+        # _fan_outs); there are a handful, so one condition each.
+        registry = [sa.and_(orders.c.placed_at >= s.first_seen, unanswered_by(s.name))
+                    for s in await self.list_subscribers() if "OrderPlaced" in s.consumes]
+        return list((await self.conn.execute(
+            sa.select(*_SUMMARY_COLUMNS)
+            .where(orders.c.placed_at <= cutoff, sa.or_(frozen, *registry))
+            .order_by(orders.c.placed_at.desc(), orders.c.order_id))).all())
+
+    async def _summaries(self, rows: Sequence[Any], *, now: datetime | None,
+                         late_after: timedelta | None) -> list[OrderSummary]:
+        fans = await self._fan_outs({r.order_id: r.event_id for r in rows}, now=now,
+                                    late_after=late_after)
+        summaries = []
+        for r in rows:
+            fan = fans[r.order_id]
+            summaries.append(OrderSummary(
+                order_id=uuid.UUID(r.order_id), customer_id=r.customer_id,
+                currency=r.currency, total=r.total, placed_at=r.placed_at,
+                state=OrderState(r.state), handled=fan.count("handled"),
+                failed=fan.count("failed"), pending=fan.count("pending"),
+                retrying=fan.count("retrying"), late=fan.count("late"),
+                subscribers=tuple(SubscriberLight(name=s.name, status=s.status)
+                                  for s in fan.subscribers)))
+        return summaries
+
+    async def trace(self, order_id: uuid.UUID) -> OrderTrace | None:
+        """The order's timeline: placed, published, every receipt of its flow, outcomes."""
+        row = (await self.conn.execute(
+            sa.select(orders.c.placed_at, orders.c.event_id)
+            .where(orders.c.order_id == str(order_id)))).first()
+        if row is None:
+            return None
+        # When the broker confirmed its OrderPlaced: the outbox keeps sent rows for the
+        # retention period; after that the first receipt stands in.
+        published_at = (await self.conn.execute(
+            sa.select(sa.func.min(outbox.c.sent_at)).where(
+                outbox.c.event_id == row.event_id))).scalar()
+        receipts = [TracedReceipt(subscriber=d.subscriber, queue=d.queue,
+                                  event_type=d.event_type, outcome=d.outcome,
+                                  at=d.received_at, duration_ms=d.duration_ms, error=d.error)
+                    for d in (await self.conn.execute(
+                        sa.select(deliveries).where(sa.or_(
+                            deliveries.c.order_id == str(order_id),
+                            deliveries.c.event_id == row.event_id)))).all()]
+        found = [TracedOutcome(kind=o.kind, at=o.at, producer=o.producer,
+                               detail=json.loads(o.detail))
+                 for o in (await self.conn.execute(
+                     sa.select(outcomes).where(outcomes.c.order_id == str(order_id)))).all()]
+        return trace(order_id, row.placed_at, published_at=published_at, receipts=receipts,
+                     outcomes=found)
+
+    async def _fan_outs(self, event_ids: Mapping[str, str], *, now: datetime | None = None,
+                        late_after: timedelta | None = None) -> dict[str, FanOut]:
+        """Fan-out of each order (order id -> its OrderPlaced event id), in a few queries."""
         if not event_ids:
             return {}
         expected: dict[str, list[str]] = {order_id: [] for order_id in event_ids}
@@ -331,6 +454,11 @@ class OrderStore:
             outcome: ReceiptOutcome = row.outcome
             receipts[order_of[row.event_id]].append(Receipt(
                 subscriber=row.subscriber, outcome=outcome, at=row.received_at,
-                error=row.error, duration_ms=row.duration_ms))
-        return {order_id: fan_out(expected[order_id], receipts[order_id])
+                error=row.error, duration_ms=row.duration_ms, queue=row.queue))
+        return {order_id: fan_out(expected[order_id], receipts[order_id],
+                                  placed_at=placed.get(order_id), now=now, late_after=late_after)
                 for order_id in event_ids}
+
+
+_SUMMARY_COLUMNS = (orders.c.order_id, orders.c.customer_id, orders.c.currency, orders.c.total,
+                    orders.c.placed_at, orders.c.state, orders.c.event_id)

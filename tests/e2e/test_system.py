@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,93 +16,17 @@ import httpx
 import pytest
 
 from tests.cleanup import sweep_prefix
+from tests.e2e.support import SUBSCRIBERS, System, poll, run_system
 
 pytestmark = pytest.mark.e2e
 
 ADDRESS = ["--name", "Ada Lovelace", "--street", "12 Analytical Row", "--city", "Berlin",
            "--postal-code", "10115", "--country", "DE"]
-SUBSCRIBERS = {"inventory", "logistics", "seller"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class System:
-    """`shop up` in a subprocess, with its own prefix, data folder and HTTP port."""
-
-    def __init__(self, env: dict[str, str], proc: subprocess.Popen[str], log: Path) -> None:
-        self.env = env
-        self.proc = proc
-        self.log = log
-        self.api = env["SHOP_API_URL"]
-
-    def shop(self, *args: str, stdin: str | None = None, timeout: float = 60
-             ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "common.cli", *args], env=self.env,
-                              input=stdin, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
-
-
-def poll(probe: Any, *, timeout: float, what: str) -> Any:
-    """Call `probe` until it returns something truthy, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.1)  # polling interval under a deadline, not a fixed wait
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
-
-
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory, amqp_url: str,
            management_url: str) -> Iterator[System]:
-    tmp = tmp_path_factory.mktemp("system")
-    port = free_port()
-    prefix = f"e2e{os.getpid()}{port}."
-    env = {
-        **os.environ,
-        "AMQP_URL": amqp_url,
-        "SHOP_NAME_PREFIX": prefix,
-        "SHOP_DATA_DIR": str(tmp / "data"),
-        "ORDER_HTTP_PORT": str(port),
-        "SHOP_API_URL": f"http://127.0.0.1:{port}",
-        "LOG_FORMAT": "json",
-        "PYTHONUNBUFFERED": "1",
-    }
-    log = tmp / "shop-up.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    system = System(env, proc, log)
-
-    def registry() -> bool:
-        assert proc.poll() is None, f"shop up exited early:\n{system.logs()}"
-        try:
-            response = httpx.get(f"{system.api}/subscribers", timeout=2)
-        except httpx.HTTPError:
-            return False
-        names = {s["name"] for s in response.json()} if response.status_code == 200 else set()
-        return names >= SUBSCRIBERS
-
-    try:
-        poll(registry, timeout=60, what="the three subscribers to announce themselves")
+    with run_system(tmp_path_factory.mktemp("system"), amqp_url, management_url) as system:
         yield system
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        sweep_prefix(management_url, prefix)
 
 
 def place_with_cli(system: System, *items: str) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
+import uvicorn
+from starlette.types import ASGIApp
 
 from common.runner import Runtime
 from common.settings import ServiceSettings
@@ -49,6 +52,44 @@ def settings_for(cls: type[ServiceSettings], amqp_url: str, prefix: str, tmp_pat
     return cls(**values)
 
 
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its signal handlers: pytest keeps Ctrl-C."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve `app` over HTTP on a free local port in this event loop; yields its base URL.
+
+    For commands that talk to the order API as a real client does (`shop doctor`,
+    `shop order ...`) while the services run in-process.
+    """
+    port = free_port()
+    server = _QuietServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                         lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        if serving.done():
+            serving.result()  # raises why it stopped
+        return server.started
+
+    try:
+        await wait_for(started, what="the HTTP server to listen")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
 
 
 async def delete_topology(amqp_url: str, topologies: list[Topology], prefix: str,

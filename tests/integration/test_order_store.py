@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.db import create_tables, make_engine
+from common.db import UTCDateTime, create_tables, make_engine
 from common.events import (
     DeliveryReceipt,
     Event,
@@ -25,9 +25,16 @@ from common.events import (
     SubscriberAnnounced,
     UnreservableLine,
 )
+from common.outbox import kit_metadata, outbox
 from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
 from order_service.handlers import AUDIT_HANDLERS, HANDLERS
-from order_service.store import OrderStore, deliveries, metadata
+from order_service.store import (
+    OrderStore,
+    add_missing_columns,
+    deliveries,
+    metadata,
+    outcomes,
+)
 from tests.factories import make_address, make_line
 
 pytestmark = pytest.mark.integration
@@ -356,3 +363,111 @@ async def test_money_reads_back_to_the_cent_at_the_largest_amount(engine: AsyncE
         [summary] = await OrderStore(conn).list_orders()
     assert isinstance(summary.total, Decimal)
     assert summary.total == Decimal("989999999999.01") == event.total
+
+
+# --- late orders, the trace, an older database ------------------------------------------
+
+DEADLINE = timedelta(seconds=30)
+
+
+async def test_late_orders_are_those_an_expected_subscriber_left_unanswered(
+        engine: AsyncEngine) -> None:
+    """Past the deadline the order nobody answered is late; a handled one, a failed one and
+    one still within its deadline are not. The expectation frozen at placement counts even
+    after the subscriber stopped consuming OrderPlaced."""
+    await deliver(engine, announced("inventory"))
+    handled = await place(engine, PLACED_AT)
+    failed = await place(engine, PLACED_AT + timedelta(seconds=1))
+    silent = await place(engine, PLACED_AT + timedelta(seconds=2))
+    recent = await place(engine, PLACED_AT + timedelta(seconds=60))
+    await deliver(engine, receipt_for(handled, "inventory"))
+    await deliver(engine, receipt_for(failed, "inventory", "dead_lettered", error="boom"))
+    await deliver(engine, announced("inventory", T0 + timedelta(minutes=1), order_placed=False))
+    now = PLACED_AT + timedelta(seconds=70)
+    async with engine.connect() as conn:
+        store = OrderStore(conn)
+        late = await store.late_orders(now, DEADLINE)
+        listed = {o.order_id: o for o in await store.list_orders(now=now, late_after=DEADLINE)}
+        silent_status = await store.status(silent.order_id, now=now, late_after=DEADLINE)
+    assert [o.order_id for o in late] == [silent.order_id]
+    assert [(s.name, s.status) for s in late[0].subscribers] == [("inventory", "late")]
+    assert (listed[recent.order_id].pending, listed[recent.order_id].late) == (1, 0)
+    assert (listed[failed.order_id].failed, listed[failed.order_id].late) == (1, 0)
+    assert silent_status is not None
+    assert [(s.status, s.late) for s in silent_status.subscribers] == [("late", True)]
+
+
+async def test_a_replayed_dead_letter_is_late_again_only_after_a_new_deadline(
+        engine: AsyncEngine) -> None:
+    """Dead-lettered then replayed: pending for the deadline after the replay, then late."""
+    await deliver(engine, announced("inventory"))
+    order = await place(engine)
+    await deliver(engine, receipt_for(order, "inventory", "dead_lettered", error="boom"))
+    replayed = receipt_for(order, "inventory", "replayed").model_copy(
+        update={"received_at": PLACED_AT + timedelta(minutes=5)})
+    await deliver(engine, replayed)
+    async with engine.connect() as conn:
+        store = OrderStore(conn)
+        soon = await store.late_orders(PLACED_AT + timedelta(minutes=5, seconds=10), DEADLINE)
+        later = await store.late_orders(PLACED_AT + timedelta(minutes=6), DEADLINE)
+    assert soon == []
+    assert [o.order_id for o in later] == [order.order_id]
+
+
+async def test_the_trace_reads_receipts_outcomes_producers_and_the_confirmation(
+        engine: AsyncEngine) -> None:
+    """The store's trace: placed, published at the outbox's confirmation, the receipts of
+    the OrderPlaced and of the outcome events, and each outcome with its producer."""
+    await create_tables(engine, kit_metadata)
+    await deliver(engine, announced("inventory"))
+    order = await place(engine)
+    async with engine.begin() as conn:
+        await conn.execute(outbox.insert().values(
+            event_id=str(order.event_id), event_type="OrderPlaced", body="{}",
+            created_at=PLACED_AT, sent_at=PLACED_AT + timedelta(milliseconds=20), attempts=1,
+            partition_key=str(order.order_id)))
+    reserved = StockReserved(order_id=order.order_id, lines=(ReservedLine(sku="SKU-1",
+                                                                          quantity=2),),
+                             occurred_at=PLACED_AT + timedelta(seconds=2),
+                             producer="inventory").caused(order, "inventory")
+    await deliver(engine, receipt_for(order, "inventory"))
+    await deliver(engine, reserved)
+    own = receipt_for(reserved, "order").model_copy(
+        update={"received_at": PLACED_AT + timedelta(seconds=3)})
+    await deliver(engine, own)
+    async with engine.connect() as conn:
+        found = await OrderStore(conn).trace(order.order_id)
+        assert await OrderStore(conn).trace(uuid.uuid4()) is None
+    assert found is not None
+    assert [(s.kind, s.service, s.since_placed_ms) for s in found.steps] == [
+        ("placed", "order", 0.0), ("published", "order", 20.0),
+        ("receipt", "inventory", 1000.0), ("outcome", "inventory", 2000.0),
+        ("receipt", "order", 3000.0)]
+    assert found.steps[3].what == "StockReserved: reserved 1 line(s)"
+    assert found.steps[4].what == "StockReserved from order.x"
+
+
+async def test_an_older_database_gets_the_producer_column(db_url: str) -> None:
+    """An outcomes table from before `producer` existed: the column is added at start-up,
+    twice is harmless, and outcomes with their producer are kept."""
+    old = sa.MetaData()
+    sa.Table("outcomes", old,
+             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("order_id", sa.String(36), nullable=False),
+             sa.Column("kind", sa.String(32), nullable=False),
+             sa.Column("detail", sa.Text, nullable=False),
+             sa.Column("at", UTCDateTime(), nullable=False),
+             sa.Column("event_id", sa.String(36), nullable=False))
+    engine = make_engine(db_url)
+    try:
+        await create_tables(engine, old)
+        await create_tables(engine, metadata)  # the other tables; outcomes stays as it was
+        await add_missing_columns(engine)
+        await add_missing_columns(engine)
+        async with engine.begin() as conn:
+            await OrderStore(conn).record_outcome(uuid.uuid4(), "seller", {}, T0, uuid.uuid4(),
+                                                  producer="seller")
+            producers = (await conn.execute(sa.select(outcomes.c.producer))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert producers == ["seller"]

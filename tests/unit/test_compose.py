@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import re
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
+from unittest import mock
 from urllib.parse import urlsplit
 
+import prometheus_client
 import pytest
 import yaml
 from pydantic import AliasChoices, AliasPath, TypeAdapter
 
 from common.settings import ServiceSettings
+from common.telemetry import start_metrics_server
 from order_service.settings import OrderSettings
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER = "rabbitmq"
+PROMETHEUS = "prometheus"
 EXPECTED_SERVICES = ("order", "inventory", "logistics", "seller")
 SQLITE_URL_PREFIX = "sqlite+aiosqlite:///"
 
@@ -38,8 +44,9 @@ def services() -> dict[str, Any]:
     return found
 
 
-# Every service in the file but the broker: a subscriber added later is checked too.
-APP_SERVICES = sorted(name for name in services() if name != BROKER)
+# Every service in the file but the broker and Prometheus: a subscriber added later is
+# checked too.
+APP_SERVICES = sorted(name for name in services() if name not in (BROKER, PROMETHEUS))
 
 
 def environment(service: str) -> dict[str, str]:
@@ -229,3 +236,61 @@ def test_order_api_port_matches_its_settings() -> None:
     assert env.get("ORDER_HTTP_HOST") == "0.0.0.0"  # noqa: S104
     healthcheck = " ".join(map(str, services()["order"]["healthcheck"]["test"]))
     assert f":{port}/healthz" in healthcheck
+
+
+def metrics_port(service: str) -> int:
+    """The port a service serves /metrics on in compose: its environment, else its default."""
+    cls = settings_class(service)
+    names = env_names(cls)
+    for name, value in environment(service).items():
+        if names.get(name.upper()) == "metrics_port":
+            return int(value)
+    return int(cls.model_fields["metrics_port"].default)
+
+
+def scrape_targets() -> dict[str, set[str]]:
+    """Prometheus's static targets in the file compose mounts, by job."""
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text(encoding="utf-8"))
+    return {job["job_name"]: {t for static in job.get("static_configs", [])
+                              for t in static["targets"]}
+            for job in config["scrape_configs"]}
+
+
+def test_prometheus_is_optional_pinned_and_reads_the_repository_config() -> None:
+    """Prometheus starts only with the `observability` profile, from a pinned image, with
+    deploy/prometheus.yml as its configuration."""
+    prometheus = services()[PROMETHEUS]
+    assert prometheus.get("profiles") == ["observability"], "plain `up` must not start it"
+    name, _, tag = str(prometheus["image"]).partition(":")
+    assert name == "prom/prometheus"
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), f"pin a release like v3.1.0, not {tag!r}"
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in prometheus["volumes"]}
+    assert mounts.get("/etc/prometheus/prometheus.yml") == "./deploy/prometheus.yml"
+    assert 9090 in container_ports(PROMETHEUS)
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_prometheus_scrapes_each_service_on_its_metrics_port(service: str) -> None:
+    """Every service has a scrape target at its compose host name and the port its settings
+    serve /metrics on, and exposes that port."""
+    port = metrics_port(service)
+    assert port > 0, f"{service}: metrics are off (port 0), so Prometheus would scrape nothing"
+    targets = set().union(*scrape_targets().values())
+    assert f"{service}:{port}" in targets, f"deploy/prometheus.yml does not scrape {service}"
+    exposed = {int(str(p).split("/")[0]) for p in services()[service].get("expose", [])}
+    assert port in exposed, f"{service}: expose its metrics port {port}"
+
+
+def test_every_scrape_target_is_a_compose_service() -> None:
+    """No scrape target points at a host the compose file does not define."""
+    hosts = {target.split(":")[0] for targets in scrape_targets().values() for target in targets}
+    assert hosts <= set(services()), f"unknown hosts: {sorted(hosts - set(services()))}"
+
+
+def test_metrics_listen_on_every_interface() -> None:
+    """The metrics server binds all interfaces, so Prometheus reaches it in another container."""
+    default = inspect.signature(prometheus_client.start_http_server).parameters["addr"].default
+    with mock.patch("prometheus_client.start_http_server") as start:
+        start_metrics_server(9100, "order")
+    start.assert_called_once()
+    assert start.call_args.kwargs.get("addr", default) in ("0.0.0.0", "::", "")  # noqa: S104

@@ -332,3 +332,69 @@ def test_subscribers_lists_the_registry(api: Callable[..., FakeApi]) -> None:
     assert result.exit_code == 0, result.output
     assert "OrderPlaced" in result.stdout
     assert json.loads(run("subscribers", "--json").stdout) == [entry]
+
+
+def test_status_shows_a_late_subscriber_and_where_a_failed_one_waits(
+        api: Callable[..., FakeApi]) -> None:
+    """Late is its own status; a failure names its dead-letter queue; --wait counts a late
+    subscriber as unanswered and names it with its status."""
+    body = status_body(complete=False)
+    body["subscribers"][1]["dead_letter_queue"] = "logistics.order.placed.dlq"
+    body["subscribers"][2].update(status="late", late=True)
+    api(lambda _r: httpx.Response(200, json=body))
+    result = CliRunner().invoke(cli.app, ["status", ORDER_ID, "--wait", "0"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert "│ seller     │ late " in result.stdout
+    assert "waits in logistics.order.placed.dlq" in result.stdout
+    assert "still waiting after 0s for: seller (late)" in result.stderr
+
+
+def test_list_shows_late_orders(api: Callable[..., FakeApi]) -> None:
+    """A summary with a late subscriber says how many, beside the handled count."""
+    summary = {"order_id": ORDER_ID, "customer_id": "cust-1", "currency": "EUR",
+               "total": "1.00", "placed_at": "2025-01-01T12:00:00Z", "state": "placed",
+               "handled": 2, "failed": 0, "pending": 0, "retrying": 0, "late": 1,
+               "subscribers": [{"name": "a", "status": "handled"},
+                               {"name": "b", "status": "handled"},
+                               {"name": "c", "status": "late"}]}
+    api(lambda _r: httpx.Response(200, json=[summary]))
+    result = run("list")
+    assert result.exit_code == 0, result.output
+    assert "2/3 (1 late)" in result.stdout
+
+
+TRACE = {"order_id": ORDER_ID, "steps": [
+    {"at": "2025-01-01T12:00:00Z", "since_placed_ms": 0.0, "service": "order",
+     "kind": "placed", "what": "OrderPlaced stored with the order (outbox)", "outcome": None,
+     "duration_ms": None},
+    {"at": "2025-01-01T12:00:00.020Z", "since_placed_ms": 20.0, "service": "inventory",
+     "kind": "receipt", "what": "OrderPlaced from inventory.order.placed",
+     "outcome": "handled", "duration_ms": 3.25},
+    {"at": "2025-01-01T12:00:00.030Z", "since_placed_ms": 30.0, "service": "inventory",
+     "kind": "outcome", "what": "StockReserved: reserved 1 line(s)",
+     "outcome": "stock_reserved", "duration_ms": None}]}
+
+
+def test_trace_prints_the_timeline(api: Callable[..., FakeApi]) -> None:
+    """One row per step: ms since placement, service, step, what, how long it took."""
+    fake = api(lambda _r: httpx.Response(200, json=TRACE))
+    result = run("trace", ORDER_ID)
+    assert result.exit_code == 0, result.output
+    assert fake.requests[0].url.path == f"/orders/{ORDER_ID}/trace"
+    lines = [flat(line) for line in result.stdout.splitlines()]
+    assert any(line.startswith("│ 20.0 │ inventory │ handled │ OrderPlaced from") and
+               "3.2 ms" in line for line in lines), result.stdout
+    assert any("StockReserved: reserved 1 line(s)" in line for line in lines)
+    assert json.loads(run("trace", ORDER_ID, "--json").stdout) == TRACE
+
+
+def test_trace_refuses_a_malformed_id_and_reports_an_unknown_one(
+        api: Callable[..., FakeApi]) -> None:
+    """Not a UUID: exit 2, nothing sent; unknown: the API's 404 message, exit 1."""
+    fake = api(lambda _r: httpx.Response(404, json={"detail": f"order {ORDER_ID} not found"}))
+    assert run("trace", "42").exit_code == 2
+    assert fake.requests == []
+    result = run("trace", ORDER_ID)
+    assert result.exit_code == 1
+    assert f"order {ORDER_ID} not found" in result.stderr

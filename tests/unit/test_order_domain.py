@@ -14,10 +14,13 @@ from order_service.domain import (
     NewOrder,
     OrderState,
     Receipt,
+    TracedOutcome,
+    TracedReceipt,
     advance,
     fan_out,
     outcome_detail,
     place_order,
+    trace,
 )
 
 pytestmark = pytest.mark.unit
@@ -236,3 +239,108 @@ def test_a_dead_letter_replayed_by_an_operator_is_pending_again() -> None:
     fan = fan_out(["a"], [receipt("a", "dead_lettered", 0), receipt("a", "replayed", 5)])
     assert [s.status for s in fan.subscribers] == ["pending"]
     assert not fan.complete
+
+
+# --- late --------------------------------------------------------------------------------
+
+DEADLINE = timedelta(seconds=30)
+
+
+def judged(expected: list[str], receipts: list[Receipt], seconds: float
+           ) -> dict[str, tuple[str, bool]]:
+    """The fan-out `seconds` after placement at T0, with a 30 s deadline: name -> status."""
+    fan = fan_out(expected, receipts, placed_at=T0, now=T0 + timedelta(seconds=seconds),
+                  late_after=DEADLINE)
+    return {s.name: (s.status, s.late) for s in fan.subscribers}
+
+
+def test_a_silent_subscriber_is_pending_until_the_deadline_then_late() -> None:
+    """No receipt: pending at the deadline itself, late a moment after it."""
+    assert judged(["a"], [], 30) == {"a": ("pending", False)}
+    assert judged(["a"], [], 30.001) == {"a": ("late", True)}
+
+
+def test_a_final_answer_is_never_late() -> None:
+    """Handled or failed (dead-lettered) long after the deadline stays handled or failed."""
+    receipts = [receipt("a", "handled", 5), receipt("b", "dead_lettered", 5)]
+    assert judged(["a", "b"], receipts, 3600) == {"a": ("handled", False),
+                                                  "b": ("failed", False)}
+
+
+def test_a_subscriber_still_retrying_after_the_deadline_is_late() -> None:
+    """A retried delivery is not a final answer: past the deadline it is late, error kept."""
+    fan = fan_out(["a"], [receipt("a", "retried", 0, error="TimeoutError")], placed_at=T0,
+                  now=T0 + timedelta(minutes=1), late_after=DEADLINE)
+    [status] = fan.subscribers
+    assert (status.status, status.late, status.error) == ("late", True, "TimeoutError")
+    assert not fan.complete
+    assert fan.unanswered == ("a",)
+
+
+def test_a_replay_gives_the_subscriber_a_new_deadline() -> None:
+    """Replayed from the DLQ at minute 5: pending until 30 s after the replay, then late."""
+    receipts = [receipt("a", "dead_lettered", 1), receipt("a", "replayed", 5)]
+    assert judged(["a"], receipts, 5 * 60 + 29) == {"a": ("pending", False)}
+    assert judged(["a"], receipts, 5 * 60 + 31) == {"a": ("late", True)}
+
+
+def test_only_expected_subscribers_can_be_late() -> None:
+    """A subscriber that joined after the order was placed is shown, never late."""
+    assert judged(["a"], [receipt("a", "handled"), receipt("b", "retried")], 600) == {
+        "a": ("handled", False), "b": ("retrying", False)}
+
+
+def test_without_a_clock_nobody_is_late() -> None:
+    """Without placement time, now and deadline, the fan-out judges no lateness."""
+    fan = fan_out(["a"], [])
+    assert [(s.status, s.late) for s in fan.subscribers] == [("pending", False)]
+
+
+def test_a_failed_subscriber_names_its_dead_letter_queue() -> None:
+    """Failed: the queue of the decisive receipt + ".dlq"; other statuses have none."""
+    fan = fan_out(["a", "b"], [
+        Receipt(subscriber="a", outcome="dead_lettered", at=T0, error="boom",
+                queue="p.a.order.placed"),
+        Receipt(subscriber="b", outcome="handled", at=T0, queue="p.b.order.placed")])
+    by_name = {s.name: s for s in fan.subscribers}
+    assert by_name["a"].dead_letter_queue == "p.a.order.placed.dlq"
+    assert by_name["b"].dead_letter_queue is None
+
+
+def test_the_trace_orders_steps_in_time_and_measures_from_placement() -> None:
+    """Placed, published, receipts and outcomes sorted by time, with ms since placement."""
+    order_id = uuid.uuid4()
+    at = [T0 + timedelta(milliseconds=ms) for ms in range(0, 100, 10)]
+    result = trace(order_id, T0, published_at=None, receipts=[
+        TracedReceipt("logistics", "p.logistics.order.placed", "OrderPlaced", "handled", at[3],
+                      4.0),
+        TracedReceipt("inventory", "p.inventory.order.placed", "OrderPlaced", "handled", at[2],
+                      3.0),
+        TracedReceipt("order", "p.order.stock.reserved", "StockReserved", "handled", at[5], 1.0),
+    ], outcomes=[TracedOutcome("stock_reserved", at[4], "inventory", {"lines": [{}]})])
+    steps = [(s.kind, s.service, s.since_placed_ms) for s in result.steps]
+    assert steps == [("placed", "order", 0.0), ("published", "order", 20.0),
+                     ("receipt", "inventory", 20.0), ("receipt", "logistics", 30.0),
+                     ("outcome", "inventory", 40.0), ("receipt", "order", 50.0)]
+    assert result.steps[4].what == "StockReserved: reserved 1 line(s)"
+    assert result.steps[2].duration_ms == 3.0
+
+
+def test_the_trace_prefers_the_broker_confirmation_for_publication() -> None:
+    """With the outbox's confirmation time, the published step says so and uses it."""
+    published = T0 + timedelta(milliseconds=7)
+    result = trace(uuid.uuid4(), T0, published_at=published, receipts=[], outcomes=[])
+    assert [(s.kind, s.at) for s in result.steps] == [("placed", T0), ("published", published)]
+    assert "broker confirmed" in result.steps[1].what
+
+
+def test_a_receipt_before_the_confirmation_dates_the_publication() -> None:
+    """A subscriber got the event before the confirm reached the publisher: published at
+    that first receipt, still before it in the steps."""
+    receipt_at = T0 + timedelta(milliseconds=5)
+    result = trace(uuid.uuid4(), T0, published_at=T0 + timedelta(milliseconds=9), receipts=[
+        TracedReceipt("a", "p.a.order.placed", "OrderPlaced", "handled", receipt_at, 1.0)],
+        outcomes=[])
+    assert [(s.kind, s.at) for s in result.steps] == [
+        ("placed", T0), ("published", receipt_at), ("receipt", receipt_at)]
+    assert "4.0 ms later" in result.steps[1].what

@@ -1,0 +1,120 @@
+"""Running the whole system for an e2e test: `shop up` in a subprocess, polling with a deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.cleanup import sweep_prefix
+
+SUBSCRIBERS = {"inventory", "logistics", "seller"}
+SERVICES = ("order", *sorted(SUBSCRIBERS))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class System:
+    """`shop up` in a subprocess, with its own prefix, data folder and HTTP port."""
+
+    def __init__(self, env: dict[str, str], proc: subprocess.Popen[str], log: Path) -> None:
+        self.env = env
+        self.proc = proc
+        self.log = log
+        self.api = env["SHOP_API_URL"]
+
+    def shop(self, *args: str, stdin: str | None = None, timeout: float = 60
+             ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "common.cli", *args], env=self.env,
+                              input=stdin, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+    def service_pid(self, service: str) -> int:
+        """The process id of one service that `shop up` started (`python -m <service>_service`)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        for pid in children.read_text().split():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if f"{service}_service".encode() in argv:
+                    return int(pid)
+        raise AssertionError(f"shop up runs no {service} service process")
+
+
+def poll(probe: Any, *, timeout: float, what: str) -> Any:
+    """Call `probe` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.1)  # polling interval under a deadline, not a fixed wait
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+
+
+@contextlib.contextmanager
+def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2e",
+               ready_timeout: float = 60) -> Iterator[System]:
+    """`shop up` under a unique name prefix, on free ports, with its data in `tmp`.
+
+    Yields once the three subscribers have announced themselves; afterwards stops it with
+    SIGTERM and deletes every queue and exchange under its prefix.
+    """
+    port = free_port()
+    prefix = f"{name}{os.getpid()}{port}."
+    env = {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "RABBITMQ_MANAGEMENT_URL": management_url,
+        "SHOP_NAME_PREFIX": prefix,
+        "SHOP_DATA_DIR": str(tmp / "data"),
+        "ORDER_HTTP_PORT": str(port),
+        "SHOP_API_URL": f"http://127.0.0.1:{port}",
+        "LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+        # Free ports for /metrics too, so a system already running here does not clash.
+        **{f"{service.upper()}_METRICS_PORT": str(free_port()) for service in SERVICES},
+    }
+    log = tmp / "shop-up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    system = System(env, proc, log)
+
+    def registry() -> bool:
+        assert proc.poll() is None, f"shop up exited early:\n{system.logs()}"
+        try:
+            response = httpx.get(f"{system.api}/subscribers", timeout=2)
+        except httpx.HTTPError:
+            return False
+        names = {s["name"] for s in response.json()} if response.status_code == 200 else set()
+        return names >= SUBSCRIBERS
+
+    try:
+        poll(registry, timeout=ready_timeout, what="the three subscribers to announce themselves")
+        yield system
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            sweep_prefix(management_url, prefix)
