@@ -463,12 +463,13 @@ class ServiceRunner(Generic[StoreT]):
         """Stop taking deliveries, let in-flight ones finish, flush the outbox, close.
 
         Handlers still running after the timeout are cancelled; their deliveries were never
-        acked, so closing the channel returns them to the queue.
+        acked, so closing the channel returns them to the queue. Every broker step is bounded:
+        a close that never answers (a connection half-way through a reconnect) must not keep
+        the process from exiting.
         """
         rt = self.runtime
         for _channel, queue, tag in self._consumers.values():
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+            await _bounded(queue.cancel(tag), "cancel consumer")
         if self._in_flight:
             _, late = await asyncio.wait(set(self._in_flight), timeout=self.shutdown_timeout)
             if late:
@@ -476,23 +477,35 @@ class ServiceRunner(Generic[StoreT]):
                             count=len(late))
                 for task in late:
                     task.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
+                await asyncio.wait(late, timeout=_STEP_TIMEOUT)
         for channel, _queue, _tag in self._consumers.values():
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await _bounded(channel.close(), "close channel")
         self._consumers.clear()
         if rt.relay is not None and rt.broker_ok():
             rt.relay.wake()
             await rt.relay.wait_idle(5)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=_STEP_TIMEOUT)
         self._tasks.clear()
         if rt.connection is not None:
-            with contextlib.suppress(Exception):
-                await rt.connection.close()
-        await rt.engine.dispose()
+            await _bounded(rt.connection.close(), "close connection")
+        await _bounded(rt.engine.dispose(), "close database")
         log.info("service stopped")
+
+
+#: Seconds one shutdown step may take before we give up on it and go on.
+_STEP_TIMEOUT = 5.0
+
+
+async def _bounded(step: Awaitable[Any], what: str) -> None:
+    try:
+        await asyncio.wait_for(step, _STEP_TIMEOUT)
+    except TimeoutError:
+        log.warning("shutdown step timed out; going on", step=what, seconds=_STEP_TIMEOUT)
+    except Exception as exc:  # a step failing (channel already closed) must not stop the rest
+        log.debug("shutdown step failed; going on", step=what, error=str(exc))
 
 
 #: Headers the broker sets on a delivery; a copy we publish starts without them.
