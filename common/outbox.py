@@ -159,8 +159,11 @@ class Relay:
                                                                         0.2))
 
     async def _wait(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that arrives
+        # as the event is set (CPython gh-86296), and the relay would never stop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
 
     async def flush_once(self) -> tuple[int, int]:
         """Publish one batch of due rows; returns (sent, failed)."""
@@ -233,7 +236,8 @@ class Relay:
     async def wait_idle(self, seconds: float) -> bool:
         """Wait until every row committed so far is published (or `seconds` pass)."""
         try:
-            await asyncio.wait_for(self._idle.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

@@ -117,7 +117,10 @@ class Runtime(Generic[StoreT]):
         return event.model_copy(update={"producer": self.spec.name})
 
     def broker_ok(self) -> bool:
-        return self.connection is not None and not self.connection.is_closed
+        # A robust connection is not "closed" while it reconnects; `connected` says whether
+        # it is up right now.
+        c = self.connection
+        return c is not None and not c.is_closed and c.connected.is_set()
 
     async def db_ok(self) -> bool:
         try:

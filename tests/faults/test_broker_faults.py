@@ -72,9 +72,6 @@ async def test_orders_placed_while_the_broker_is_stopped_are_delivered_when_it_r
     shop.assert_clean(accepted=170)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kit bug: Runtime.broker_ok() checks connection.is_closed, which a RobustConnection keeps "
-    "False while it reconnects; fix: also require connection.connected.is_set()"))
 async def test_healthz_says_the_broker_is_down_while_it_is_stopped(
         shop: Shop, node: Node) -> None:
     """GET /healthz answers 503 with broker false while the broker's app is stopped, and

@@ -34,11 +34,6 @@ def waiting_to_be_woken(task: asyncio.Task[None]) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kit bug: Relay._wait uses asyncio.wait_for, which on Python 3.11 drops a cancellation "
-    "that arrives as the event is set (CPython gh-86296); fix: `async with "
-    "asyncio.timeout(seconds): await self._wake.wait()` (also in wait_idle), and bound the "
-    "wait for the tasks in ServiceRunner.stop()"))
 async def test_the_relay_stops_when_cancelled_just_as_a_commit_wakes_it(tmp_path: Path
                                                                          ) -> None:
     """relay.wake() (any commit) right before the task is cancelled (SIGTERM): the relay
