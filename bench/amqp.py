@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
-from urllib.parse import quote, urlsplit
 
 import aio_pika
-import httpx
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
 
 from common.events import (
@@ -107,28 +105,3 @@ async def delete(url: str, queues: Iterable[str], exchanges: Iterable[str] = ())
                 await channel.exchange_delete(name)
     finally:
         await connection.close()
-
-
-def sweep_prefix(management_url: str, prefix: str) -> int:
-    """Delete every queue and exchange whose name starts with `prefix` through the management
-    API, catching whatever the named deletes missed; returns how many. Without the
-    management API it does nothing (the names above were deleted over AMQP already)."""
-    if not prefix:
-        raise ValueError("refusing to sweep an empty prefix: it would match every queue")
-    parts = urlsplit(management_url)
-    auth = (parts.username or "guest", parts.password or "guest")
-    base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}/api"
-    deleted = 0
-    try:
-        with httpx.Client(auth=auth, timeout=5) as client:
-            for kind in ("queues", "exchanges"):
-                listing = client.get(f"{base}/{kind}", params={"columns": "name,vhost"})
-                listing.raise_for_status()
-                for item in listing.json():
-                    if item["name"].startswith(prefix):
-                        client.delete(f"{base}/{kind}/{quote(item['vhost'], safe='')}/"
-                                      f"{quote(item['name'], safe='')}")
-                        deleted += 1
-    except httpx.HTTPError:
-        return deleted
-    return deleted

@@ -32,6 +32,7 @@ from bench.profile import recording
 from bench.system import SUBSCRIBERS, Effects, Placement, System
 from bench.worker import KIT_SERVICE
 from common.events import OrderPlaced
+from common.observe import sweep_prefix
 from common.topology import Topology
 
 Figures = dict[str, Any]
@@ -189,7 +190,7 @@ async def _declared_cleanup(ctx: Context, topology: Topology, extra_queues: Sequ
     with contextlib.suppress(Exception):
         await amqp.delete(url, [*topology.declared_queues, *extra_queues],
                           [*topology.declared_exchanges, *extra_exchanges])
-    await asyncio.to_thread(amqp.sweep_prefix, ctx.params.management_url, topology.prefix)
+    await asyncio.to_thread(sweep_prefix, ctx.params.management_url, topology.prefix)
 
 
 def _broker_cpu(ctx: Context) -> float | None:

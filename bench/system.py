@@ -33,6 +33,7 @@ from bench.orders import LINES, ROWS_PER_ORDER, new_order, order_body, seed_stoc
 from bench.procfs import broker_pid, cpu_seconds, rss_bytes
 from common.events import Event
 from common.logging import configure_logging
+from common.observe import sweep_prefix
 from common.runner import Runtime, ServiceRunner
 from order_service.__main__ import SPEC as ORDER_SPEC
 from order_service.domain import place_order
@@ -528,4 +529,4 @@ class System:
         queues, exchanges = amqp.system_names(self.prefix)
         with contextlib.suppress(Exception):
             await amqp.delete(self.amqp_url, queues, exchanges)
-        await asyncio.to_thread(amqp.sweep_prefix, self.management_url, self.prefix)
+        await asyncio.to_thread(sweep_prefix, self.management_url, self.prefix)

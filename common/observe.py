@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import certifi
 import httpx
@@ -526,3 +526,28 @@ def growing(samples: Iterable[int | None], over: int = 3) -> bool:
     if len(last) < over:
         return False
     return all(a <= b for a, b in itertools.pairwise(last)) and last[-1] > last[0]
+
+
+def sweep_prefix(management_url: str, prefix: str) -> int:
+    """Delete every queue and exchange whose name starts with `prefix` through the management
+    API (a test run's or a benchmark's names, delay and dead-letter queues included);
+    returns how many. Without the management API it does nothing."""
+    if not prefix:
+        raise ValueError("refusing to sweep an empty prefix: it would match every queue")
+    parts = urlsplit(management_url)
+    auth = (parts.username or "guest", parts.password or "guest")
+    base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}/api"
+    deleted = 0
+    try:
+        with httpx.Client(auth=auth, timeout=5) as client:
+            for kind in ("queues", "exchanges"):
+                listing = client.get(f"{base}/{kind}", params={"columns": "name,vhost"})
+                listing.raise_for_status()
+                for item in listing.json():
+                    if item["name"].startswith(prefix):
+                        client.delete(f"{base}/{kind}/{quote(item['vhost'], safe='')}/"
+                                      f"{quote(item['name'], safe='')}")
+                        deleted += 1
+    except httpx.HTTPError:
+        return deleted
+    return deleted

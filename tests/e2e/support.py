@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from tests.cleanup import sweep_prefix
+from common.observe import sweep_prefix
 
 SUBSCRIBERS = {"inventory", "logistics", "seller"}
 SERVICES = ("order", *sorted(SUBSCRIBERS))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cleanup import sweep_prefix
+from common.observe import sweep_prefix
 from tests.faults.support import (
     STOP_TIMEOUT,
     Ledger,

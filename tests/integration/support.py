@@ -13,10 +13,10 @@ import aio_pika
 import uvicorn
 from starlette.types import ASGIApp
 
+from common.observe import sweep_prefix
 from common.runner import Runtime
 from common.settings import ServiceSettings
 from common.topology import Topology
-from tests.cleanup import sweep_prefix
 
 T = TypeVar("T")
 

@@ -13,39 +13,26 @@ from typing import Any
 import aio_pika
 import pytest
 import structlog
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from typer.testing import CliRunner, Result
 
 from common import dlq, dlq_cli
 from common.broker import message_for
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
+from common.observe import sweep_prefix
 from common.runner import Runtime
 from common.service import ServiceSpec
 from common.settings import ServiceSettings
 from common.topology import Topology
-from tests.cleanup import sweep_prefix
 from tests.factories import make_order
 from tests.integration.support import StartService, wait_for
+from tests.integration.test_kit import ProbeStore, effects, probe_metadata
 
 pytestmark = pytest.mark.integration
 
-metadata = MetaData()
-effects = Table(
-    "dlq_probe_effects", metadata,
-    Column("id", Integer, primary_key=True),
-    Column("order_id", String(36), nullable=False),
-)
-
-
-class ProbeStore:
-    """One row per effect, so a test can count them."""
-
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-
-    async def record(self, order_id: uuid.UUID) -> None:
-        await self.conn.execute(insert(effects).values(order_id=str(order_id)))
+# The probe subscriber's store is the kit tests' one: one row per effect.
+metadata = probe_metadata
 
 
 class Fault:
