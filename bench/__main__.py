@@ -70,7 +70,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Params, argparse.Namespace]:
                         help=f"case 4 orders per path (default {defaults.system_orders})")
     parser.add_argument("--window", type=int, help="publishes in flight (default 128)")
     parser.add_argument("--prefetch", type=int,
-                        help="prefetch of every consumer (default 32, the kit's)")
+                        help="prefetch of every consumer (default 256, the kit's)")
     parser.add_argument("--http-concurrency", type=int, help="HTTP requests in flight (32)")
     parser.add_argument("--direct-concurrency", type=int,
                         help="orders committed at once on the direct path (32)")

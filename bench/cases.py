@@ -54,7 +54,7 @@ class Params:
     consume_messages: int = 10_000
     system_orders: int = 2_000
     window: int = 128
-    prefetch: int = 32
+    prefetch: int = 256
     direct_concurrency: int = 32
     http_concurrency: int = 32
     loads: tuple[float, ...] = (50.0, 100.0, 200.0)
@@ -292,6 +292,8 @@ async def consume(ctx: Context, kind: str) -> Figures:
             "messages": count,
         }
         if kind == "kit":
+            figures["mean_batch"] = (round(count / result["batches"], 1)
+                                     if result.get("batches") else None)
             published = result.get("receipts_published")
             figures["msg_per_s_receipts_published"] = (
                 count / (published - result["first"]) if published else None)

@@ -137,6 +137,7 @@ THROUGHPUT_ROWS = (
     ("consume-faststream", "msg_per_s", "   FastStream consume: msg/s", 0),
     ("consume-kit", "msg_per_s", "3. kit runner (no-op handler): msg/s to ack", 0),
     ("consume-kit", "msg_per_s_receipts_published", "   ... receipts published too", 0),
+    ("consume-kit", "mean_batch", "   ... deliveries per transaction (mean)", 1),
     ("system-direct", "orders_per_s", "4a. system, publishing path: orders/s (3 effects)", 0),
     ("system-direct", "flow_back_per_s", "    ... receipts and outcomes back", 0),
     ("system-http", "orders_per_s", "4b. system, HTTP API: orders/s (3 effects)", 0),

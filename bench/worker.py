@@ -48,6 +48,8 @@ class Progress:
     handled: int = 0
     invalid: int = 0
     cpu_start: float = 0.0
+    #: Batches the kit's runner handled the deliveries in (None for the other consumers).
+    batches: int | None = None
 
     def arrived(self) -> None:
         if self.first is None:
@@ -61,7 +63,8 @@ class Progress:
 
     def result(self, **extra: Any) -> dict[str, Any]:
         return {"first": self.first, "last": self.last, "handled": self.handled,
-                "invalid": self.invalid, "cpu_s": time.process_time() - self.cpu_start,
+                "invalid": self.invalid, "batches": self.batches,
+                "cpu_s": time.process_time() - self.cpu_start,
                 **extra}
 
 
@@ -147,13 +150,15 @@ class CountingRunner(ServiceRunner[AsyncConnection]):
 
     progress: Progress
 
-    async def _deliver(self, sub: Subscription[AsyncConnection],
-                       message: AbstractIncomingMessage) -> None:
+    async def _deliver_batch(self, sub: Subscription[AsyncConnection],
+                             messages: Sequence[AbstractIncomingMessage]) -> None:
         if sub.receipts:
             self.progress.arrived()
-        await super()._deliver(sub, message)
+            self.progress.batches = (self.progress.batches or 0) + 1
+        await super()._deliver_batch(sub, messages)
         if sub.receipts:
-            self.progress.finished_one()
+            for _ in messages:
+                self.progress.finished_one()
 
 
 def _store(conn: AsyncConnection) -> AsyncConnection:
@@ -196,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--queue", required=True)
     parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--prefetch", type=int, default=32)
+    parser.add_argument("--prefetch", type=int, default=256)
     parser.add_argument("--prefix", default="")
     parser.add_argument("--data-dir", type=Path, default=Path("."))
     parser.add_argument("--timeout", type=float, default=600)

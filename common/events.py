@@ -272,9 +272,35 @@ class DeliveryReceipt(Event):
     duration_ms: float = Field(ge=0, description="Time from arrival to outcome.")
 
 
+class DeliveryReceipts(Event):
+    """The receipts of deliveries a subscriber handled together, in one transaction.
+
+    Under load the runner handles the deliveries waiting on a queue as one batch, and their
+    receipts travel as one message: auditing then costs a small part of the events it
+    audits instead of one more message each.
+    """
+
+    routing: ClassVar[str] = "audit"
+    event_type: Literal["DeliveryReceipts"] = "DeliveryReceipts"
+
+    subscriber: str = Field(description="The subscribing service.")
+    queue: str = Field(description="The queue the deliveries came from.")
+    receipts: tuple[DeliveryReceipt, ...] = Field(min_length=1,
+                                                  description="One per delivery, in order.")
+
+
+def receipts_of(event: Event) -> tuple[DeliveryReceipt, ...]:
+    """The receipts an audit event carries: one, several, or none (an announcement)."""
+    if isinstance(event, DeliveryReceipts):
+        return event.receipts
+    if isinstance(event, DeliveryReceipt):
+        return (event,)
+    return ()
+
+
 #: Every event type, by name: the catalog and the decoder's lookup table.
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["event_type"].default: cls
     for cls in (OrderPlaced, StockReserved, StockReservationFailed, ShipmentScheduled,
-                SellerNotified, SubscriberAnnounced, DeliveryReceipt)
+                SellerNotified, SubscriberAnnounced, DeliveryReceipt, DeliveryReceipts)
 }

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,8 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -75,18 +78,24 @@ def utcnow() -> datetime:
 
 
 async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event],
-                        instance: str | None = None) -> None:
-    """Store events in the caller's transaction; the relay publishes them after commit."""
+                        instance: str | None = None,
+                        traces: Mapping[uuid.UUID, str] | None = None) -> None:
+    """Store events in the caller's transaction; the relay publishes them after commit.
+
+    Each event keeps the trace context it was produced in: its entry in `traces`, else the
+    current one.
+    """
     if not events:
         return
     now = utcnow()
     trace_headers = current_trace_headers()
     trace_context = json.dumps(trace_headers) if trace_headers else None
+    traces = traces or {}
     await conn.execute(insert(outbox), [
         {"event_id": str(e.event_id), "event_type": e.event_type,
          "body": e.model_dump_json(), "created_at": now, "attempts": 0,
          "partition_key": e.correlation_id or str(e.event_id),
-         "trace_context": trace_context, "instance": instance}
+         "trace_context": traces.get(e.event_id, trace_context), "instance": instance}
         for e in events
     ])
 
@@ -99,6 +108,37 @@ async def seen(conn: AsyncConnection, queue: str, event_id: str) -> bool:
 
 async def remember(conn: AsyncConnection, queue: str, event_id: str) -> None:
     await conn.execute(insert(inbox).values(queue=queue, event_id=event_id, handled_at=utcnow()))
+
+
+async def claim(conn: AsyncConnection, queue: str, event_ids: Sequence[str]) -> set[str]:
+    """Record `event_ids` as handled by this queue's subscriber, in the caller's transaction;
+    returns those not recorded before (the others are duplicates). One statement.
+
+    The insert comes before the handlers run, as `remember` does: on PostgreSQL a replica
+    claiming an event another replica has claimed but not yet committed waits for that
+    commit, then sees a duplicate instead of doing the work twice.
+    """
+    if not event_ids:
+        return set()
+    rows = [{"queue": queue, "event_id": event_id, "handled_at": utcnow()}
+            for event_id in dict.fromkeys(event_ids)]
+    upsert = _CLAIMS.get(conn.dialect.name)
+    if upsert is None:  # a database without ON CONFLICT: two statements
+        known = set((await conn.execute(select(inbox.c.event_id).where(
+            inbox.c.queue == queue, inbox.c.event_id.in_(event_ids)))).scalars())
+        fresh = [r for r in rows if r["event_id"] not in known]
+        if fresh:
+            await conn.execute(insert(inbox), fresh)
+        return {str(r["event_id"]) for r in fresh}
+    return set((await conn.execute(upsert, rows)).scalars())
+
+
+#: INSERT ... ON CONFLICT DO NOTHING RETURNING event_id, per dialect: the new claims only.
+_CLAIMS = {
+    "sqlite": sqlite_insert(inbox).on_conflict_do_nothing().returning(inbox.c.event_id),
+    "postgresql": postgresql_insert(inbox).on_conflict_do_nothing().returning(
+        inbox.c.event_id),
+}
 
 
 class Relay:

@@ -8,6 +8,7 @@ import functools
 import json
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,17 +29,28 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.broker import Publisher, connect, instance_name
 from common.db import create_tables, is_sqlite, make_engine
-from common.events import DeliveryReceipt, Event, SubscriberAnnounced
+from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAnnounced
 from common.logging import get_logger
-from common.outbox import Relay, add_to_outbox, kit_metadata, remember, seen, utcnow
+from common.outbox import (
+    Relay,
+    add_to_outbox,
+    claim,
+    kit_metadata,
+    remember,
+    seen,
+    utcnow,
+)
 from common.service import Handler, ServiceSpec, StoreT
 from common.settings import ServiceSettings
 from common.telemetry import (
     DELIVERIES,
     HANDLER_SECONDS,
     configure_tracing,
+    current_trace_headers,
     process_span,
     start_metrics_server,
+    trace_headers_of,
+    tracing_active,
 )
 from common.topology import Topology, TopologyError
 
@@ -65,6 +77,12 @@ class Subscription(Generic[StoreT]):
 def decode(message: AbstractIncomingMessage,
            handlers: Mapping[str, tuple[type[Event], Handler[Any]]]) -> tuple[Event, Handler[Any]]:
     """The event in a delivery and its handler, or PoisonMessageError saying what is wrong."""
+    known = handlers.get(message.type or "")
+    if known is not None:
+        # The usual case, in one pass of pydantic's JSON parser; the slow path below only
+        # runs to say what is wrong with a body that does not fit.
+        with contextlib.suppress(ValidationError):
+            return known[0].model_validate_json(message.body), known[1]
     try:
         payload = json.loads(message.body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -102,11 +120,16 @@ class Runtime(Generic[StoreT]):
         # fail with "database is locked"; PostgreSQL needs no such lock.
         self.write_lock = asyncio.Lock() if is_sqlite(engine) else _NullLock()
 
-    async def execute(self, work: Work) -> list[Event]:
-        """Run `work` in one transaction, store its events in the outbox, commit, publish."""
+    async def execute(self, work: Work, traces: Mapping[uuid.UUID, str] | None = None
+                      ) -> list[Event]:
+        """Run `work` in one transaction, store its events in the outbox, commit, publish.
+
+        `traces` (filled by `work` as it runs, for a batch of deliveries) gives an event the
+        trace context it was produced in; the others get the current one.
+        """
         async with self.write_lock, self.engine.begin() as conn:
             events = [self._stamp(e) for e in await work(conn)]
-            await add_to_outbox(conn, events, self.instance)
+            await add_to_outbox(conn, events, self.instance, traces)
         if self.relay is not None:
             self.relay.wake()
         return events
@@ -156,6 +179,12 @@ class ServiceRunner(Generic[StoreT]):
         #: Per subscribed queue: the channel, the queue object and our consumer tag.
         self._consumers: dict[str, tuple[AbstractChannel, AbstractQueue, str]] = {}
         self._in_flight: set[asyncio.Task[Any]] = set()
+        #: Per queue: deliveries waiting for its drainer, and the drainer while it runs.
+        self._pending: dict[str, list[AbstractIncomingMessage]] = {}
+        self._drainers: dict[str, asyncio.Task[None]] = {}
+        #: At most this many deliveries share a transaction: half the prefetch, so the next
+        #: batch arrives while this one is handled.
+        self.batch_size = max(1, settings.prefetch // 2)
         self._tasks: list[asyncio.Task[Any]] = []
         self._instance = self.runtime.instance
 
@@ -281,14 +310,137 @@ class ServiceRunner(Generic[StoreT]):
 
     async def _on_message(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
                           ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._in_flight.add(task)
+        """Queue the delivery for its queue's drainer and return at once.
+
+        Deliveries that arrive while a batch is being handled are handled together next: one
+        transaction, one receipt message and one ack for up to `batch_size` of them. At a
+        trickle a batch is one delivery, so nothing waits for a batch to fill.
+        """
+        pending = self._pending.setdefault(sub.queue, [])
+        pending.append(message)
+        drainer = self._drainers.get(sub.queue)
+        if drainer is None or drainer.done():
+            drainer = asyncio.create_task(self._drain(sub, pending),
+                                          name=f"{self.spec.name}-drain-{sub.queue}")
+            self._drainers[sub.queue] = drainer
+            self._in_flight.add(drainer)
+            drainer.add_done_callback(self._in_flight.discard)
+
+    async def _drain(self, sub: Subscription[StoreT],
+                     pending: list[AbstractIncomingMessage]) -> None:
+        while pending:
+            # Let deliveries already read off the socket join this batch: yield to the loop
+            # while that makes the batch grow. No timer: a lone delivery does not wait.
+            idle = 0
+            while len(pending) < self.batch_size and idle < _BATCH_IDLE_YIELDS:
+                before = len(pending)
+                await asyncio.sleep(0)
+                idle = idle + 1 if len(pending) == before else 0
+            batch = pending[:self.batch_size]
+            del pending[:len(batch)]
+            try:
+                await self._deliver_batch(sub, batch)
+            except Exception:  # a bug of ours: never lose the deliveries, never stop draining
+                log.exception("could not settle a batch; returning it to the queue",
+                              queue=sub.queue, size=len(batch))
+                for message in batch:
+                    with contextlib.suppress(Exception):
+                        await message.nack(requeue=True)
+
+    async def _deliver_batch(self, sub: Subscription[StoreT],
+                             messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Handle deliveries of one queue in one transaction, in their order, then ack them.
+
+        A delivery that cannot be decoded goes to its dead-letter queue on its own. If any
+        handler of the batch fails (or a replica committed one of its events first) nothing
+        of the batch was committed, and each delivery is handled again on its own, so a
+        failure retries or parks only its own delivery.
+        """
+        if len(messages) == 1:
+            await self._deliver(sub, messages[0])
+            return
+        started = time.perf_counter()
+        received_at = utcnow()
+        decoded: list[tuple[AbstractIncomingMessage, Event, Handler[StoreT]]] = []
+        for message in messages:
+            try:
+                event, handler = decode(message, sub.handlers)
+            except PoisonMessageError:
+                await self._deliver(sub, message)  # decodes again, and dead-letters it
+                continue
+            decoded.append((message, event, handler))
+        if not decoded:
+            return
         try:
-            await self._deliver(sub, message)
-        finally:
-            if task is not None:
-                self._in_flight.discard(task)
+            outcomes = await self._handle_batch(sub, decoded, received_at, started)
+        except Exception as exc:  # each delivery on its own now, with its own outcome
+            log.info("batch not committed; handling its deliveries one by one",
+                     queue=sub.queue, size=len(decoded),
+                     error=f"{type(exc).__name__}: {exc}"[:500])
+            for message, _event, _handler in decoded:
+                await self._deliver(sub, message)
+            return
+        await _ack_all([m for m, _, _ in decoded])
+        elapsed = time.perf_counter() - started
+        for (_message, event, _handler), outcome in zip(decoded, outcomes, strict=True):
+            DELIVERIES.labels(self.spec.name, sub.queue, event.event_type, outcome).inc()
+            HANDLER_SECONDS.labels(self.spec.name, event.event_type).observe(elapsed)
+        log.debug("batch handled", queue=sub.queue, size=len(decoded),
+                  duration_ms=round(elapsed * 1000, 2))
+
+    async def _handle_batch(self, sub: Subscription[StoreT],
+                            decoded: Sequence[tuple[AbstractIncomingMessage, Event,
+                                                    Handler[StoreT]]],
+                            received_at: datetime, started: float) -> list[str]:
+        """The effects, dedupe records, outgoing events and one receipts message of a batch:
+        one commit. Returns each delivery's outcome (handled or duplicate)."""
+        traces: dict[uuid.UUID, str] = {}
+        outcomes: list[str] = []
+        tracing = tracing_active()
+
+        async def work(conn: AsyncConnection) -> Sequence[Event]:
+            outcomes.clear()
+            traces.clear()
+            ids = [str(event.event_id) for _, event, _ in decoded]
+            # Dedupe records first, as a single delivery does (see `claim`); the audit
+            # queue's handlers are idempotent and keep no records.
+            fresh = await claim(conn, sub.queue, ids) if sub.receipts else set(ids)
+            produced: list[Event] = []
+            receipts: list[DeliveryReceipt] = []
+            for (message, event, handler), event_id in zip(decoded, ids, strict=True):
+                if event_id not in fresh:  # handled before, or earlier in this batch
+                    outcomes.append("duplicate")
+                    receipts.append(self._receipt(sub, event, "duplicate", None, received_at,
+                                                  started))
+                    continue
+                fresh.discard(event_id)
+                with (process_span(sub.queue, message.message_id, message.type,
+                                   self.spec.name, message.headers)
+                      if tracing else contextlib.nullcontext()), \
+                        structlog.contextvars.bound_contextvars(
+                            event_id=event_id, event_type=event.event_type,
+                            correlation_id=event.correlation_id, order_id=event.order_key):
+                    out = [e.caused(event, self.spec.name)
+                           for e in await handler(event, self.spec.store(conn))]
+                    # Without an SDK, the incoming context goes on as it came.
+                    headers = (current_trace_headers() if tracing
+                               else trace_headers_of(message.headers)) if out else None
+                    if headers:
+                        context = json.dumps(headers)
+                        traces.update((e.event_id, context) for e in out)
+                produced.extend(out)
+                outcomes.append("handled")
+                if sub.receipts:
+                    receipts.append(self._receipt(sub, event, "handled", None, received_at,
+                                                  started))
+            if sub.receipts:
+                produced.append(DeliveryReceipts(subscriber=self.spec.name, queue=sub.queue,
+                                                 receipts=tuple(receipts),
+                                                 producer=self.spec.name))
+            return produced
+
+        await self.runtime.execute(work, traces)
+        return outcomes
 
     async def _deliver(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
                        ) -> None:
@@ -498,6 +650,10 @@ class ServiceRunner(Generic[StoreT]):
         log.info("service stopped")
 
 
+#: Loop turns without a new delivery after which a batch stops waiting to grow: a delivery
+#: takes a few turns from the socket to the queue (frame, aiormq's task, aio-pika's task).
+_BATCH_IDLE_YIELDS = 3
+
 #: Seconds one shutdown step may take before we give up on it and go on.
 _STEP_TIMEOUT = 5.0
 
@@ -515,6 +671,25 @@ async def _bounded(step: Awaitable[Any], what: str) -> None:
 _BROKER_HEADERS = frozenset({"x-death", "x-first-death-exchange", "x-first-death-queue",
                              "x-first-death-reason", "x-last-death-exchange",
                              "x-last-death-queue", "x-last-death-reason", "x-delivery-count"})
+
+
+async def _ack_all(messages: Sequence[AbstractIncomingMessage]) -> None:
+    """Ack deliveries with one `multiple` ack per channel they came on.
+
+    Safe because a queue's deliveries are settled in order by one drainer: every earlier
+    delivery on the channel is already acked or parked. A channel that closed since
+    (reconnect) has returned its deliveries to the queue; they come again and are deduped.
+    """
+    last: dict[int, AbstractIncomingMessage] = {}
+    for message in messages:
+        # `channel` raises once the delivery's channel closed: nothing to ack on it then.
+        with contextlib.suppress(Exception):
+            last[id(message.channel)] = message
+    for message in last.values():
+        try:
+            await message.ack(multiple=True)
+        except Exception as exc:  # closed between the two steps: redelivered, deduped
+            log.info("could not ack; the deliveries will come again", error=str(exc))
 
 
 def _int(value: object) -> int:

@@ -69,7 +69,9 @@ class ServiceSettings(BaseSettings):
 
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL; default an SQLite file in the data folder.")
-    prefetch: int = Field(32, ge=1, le=10_000, description="Unacked deliveries per consumer.")
+    prefetch: int = Field(
+        256, ge=1, le=10_000,
+        description="Unacked deliveries per consumer; up to half of them share a transaction.")
 
     @field_validator("retry_delays", mode="before")
     @classmethod

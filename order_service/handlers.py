@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from common.events import (
     DeliveryReceipt,
+    DeliveryReceipts,
     Event,
     SellerNotified,
     ShipmentScheduled,
@@ -77,6 +78,13 @@ async def delivery_receipt(event: DeliveryReceipt, store: OrderStore) -> list[Ev
     return []
 
 
+async def delivery_receipts(event: DeliveryReceipts, store: OrderStore) -> list[Event]:
+    """A subscriber's receipts for a batch of deliveries it handled together."""
+    for receipt in event.receipts:
+        await delivery_receipt(receipt, store)
+    return []
+
+
 HANDLERS: dict[type[Event], Handler[OrderStore]] = {
     StockReserved: stock_reserved,
     StockReservationFailed: stock_reservation_failed,
@@ -87,4 +95,5 @@ HANDLERS: dict[type[Event], Handler[OrderStore]] = {
 AUDIT_HANDLERS: dict[type[Event], Handler[OrderStore]] = {
     SubscriberAnnounced: subscriber_announced,
     DeliveryReceipt: delivery_receipt,
+    DeliveryReceipts: delivery_receipts,
 }

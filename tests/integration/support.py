@@ -13,6 +13,7 @@ import aio_pika
 import uvicorn
 from starlette.types import ASGIApp
 
+from common.events import EVENT_TYPES, DeliveryReceipt, receipts_of
 from common.observe import sweep_prefix
 from common.runner import Runtime
 from common.settings import ServiceSettings
@@ -21,6 +22,13 @@ from common.topology import Topology
 T = TypeVar("T")
 
 StartService = Callable[..., Awaitable[Runtime[Any]]]
+
+
+def receipts_in(message: aio_pika.abc.AbstractIncomingMessage) -> tuple[DeliveryReceipt, ...]:
+    """The receipts an audit message carries: one (DeliveryReceipt), a batch's
+    (DeliveryReceipts), or none (an announcement)."""
+    cls = EVENT_TYPES.get(message.type or "")
+    return receipts_of(cls.model_validate_json(message.body)) if cls is not None else ()
 
 
 async def wait_for(probe: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0,

@@ -26,7 +26,7 @@ from common.service import ServiceSpec
 from common.settings import ServiceSettings
 from common.topology import Topology
 from tests.factories import make_order
-from tests.integration.support import StartService, wait_for
+from tests.integration.support import StartService, receipts_in, wait_for
 from tests.integration.test_kit import ProbeStore, effects, probe_metadata
 
 pytestmark = pytest.mark.integration
@@ -136,8 +136,7 @@ async def receipts_until(connection: aio_pika.abc.AbstractConnection, audit_queu
         message = await audit.get(fail=False)
         if message is not None:
             await message.ack()
-            if message.type == "DeliveryReceipt":
-                found.append(DeliveryReceipt.model_validate_json(message.body))
+            found.extend(receipts_in(message))
         return set(wanted) <= {(r.handled_event_id or "", r.outcome) for r in found}
 
     await wait_for(collect, timeout=15, what=f"receipts {wanted}")

@@ -27,7 +27,13 @@ from common.service import ServiceSpec
 from common.settings import ServiceSettings
 from common.topology import Topology, TopologyError
 from tests.factories import make_order
-from tests.integration.support import StartService, delete_topology, settings_for, wait_for
+from tests.integration.support import (
+    StartService,
+    delete_topology,
+    receipts_in,
+    settings_for,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -211,10 +217,7 @@ async def audit_receipts(broker: aio_pika.abc.AbstractConnection, runtime: Runti
         message = await audit.get(fail=False)
         if message is not None:
             await message.ack()
-            if message.type == "DeliveryReceipt":
-                receipt = DeliveryReceipt.model_validate_json(message.body)
-                if receipt.handled_event_id == event_id:
-                    found.append(receipt)
+            found.extend(r for r in receipts_in(message) if r.handled_event_id == event_id)
         return len(found) >= expected
 
     await wait_for(collect, what=f"{expected} receipts for {event_id}", timeout=15)
@@ -235,8 +238,7 @@ async def test_receipts_say_what_each_delivery_became(
         message = await audit.get(fail=False)
         if message is not None:
             await message.ack()
-            if message.type == "DeliveryReceipt":
-                receipt = DeliveryReceipt.model_validate_json(message.body)
+            for receipt in receipts_in(message):
                 receipts[receipt.handled_event_id or "?"] = receipt
         return {str(good.event_id), str(bad.event_id)} <= receipts.keys()
 

@@ -400,9 +400,13 @@ async def test_an_orders_trace_lists_its_steps_in_time_order(
     async def traced() -> dict[str, Any] | None:
         found: dict[str, Any] = (await client.get(f"/orders/{order_id}/trace")).json()
         outcomes = {s["outcome"] for s in found["steps"] if s["kind"] == "outcome"}
-        return found if outcomes >= {"stock_reserved", "shipment", "seller"} else None
+        # Receipts travel on the audit queue, apart from the outcomes: wait for both.
+        receipts = {s["service"] for s in found["steps"] if s["kind"] == "receipt"
+                    and s["what"].startswith("OrderPlaced")}
+        done = outcomes >= {"stock_reserved", "shipment", "seller"} and receipts >= SUBSCRIBERS
+        return found if done else None
 
-    found = await wait_for(traced, timeout=15, what="the outcomes in the trace")
+    found = await wait_for(traced, timeout=15, what="the outcomes and receipts in the trace")
     steps = found["steps"]
     assert [s["kind"] for s in steps[:2]] == ["placed", "published"]
     assert steps[0]["since_placed_ms"] == 0

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common.db import UTCDateTime, create_tables, make_engine
 from common.events import (
     DeliveryReceipt,
+    DeliveryReceipts,
     Event,
     OrderPlaced,
     ReservedLine,
@@ -99,10 +100,10 @@ def by_name(st: OrderStatus) -> dict[str, str]:
 
 
 async def test_handler_tables_cover_the_outcome_and_audit_events() -> None:
-    """The order service consumes the four outcome events and the two audit events."""
+    """The order service consumes the four outcome events and the three audit events."""
     assert set(HANDLERS) == {StockReserved, StockReservationFailed, ShipmentScheduled,
                              SellerNotified}
-    assert set(AUDIT_HANDLERS) == {SubscriberAnnounced, DeliveryReceipt}
+    assert set(AUDIT_HANDLERS) == {SubscriberAnnounced, DeliveryReceipt, DeliveryReceipts}
 
 
 async def test_announcement_registers_and_refreshes_without_moving_first_seen(

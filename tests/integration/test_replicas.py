@@ -125,8 +125,7 @@ async def test_two_replicas_sharing_a_database_and_a_queue_give_one_effect_per_e
         await drain(audit, receipts)
         for cls, queue in outcomes.items():
             await drain(queue, published_outcomes[cls])
-        answered = {r["event_id"] for r in receipts
-                    if r["event_type"] == "DeliveryReceipt" and r["handled_event_id"] in ours}
+        answered = {r["event_id"] for r in _single(receipts) if r["handled_event_id"] in ours}
         return len(answered) >= 2 * ORDERS
 
     await wait_for(every_copy_answered, timeout=60, interval=0.2,
@@ -146,15 +145,18 @@ async def test_two_replicas_sharing_a_database_and_a_queue_give_one_effect_per_e
     assert {sku: levels[sku].on_hand for sku in DEMO_CATALOGUE} == DEMO_CATALOGUE
     assert handled_records == ORDERS
 
-    # Both replicas worked, and the handler ran once per event in all.
+    # Both replicas worked. The handler ran at least once per event; more only where a batch
+    # was rolled back (the replicas' row locks can deadlock across a batch, and PostgreSQL
+    # aborts one) and its deliveries were handled again one by one: the effects above are
+    # what counts, and they are there once.
     assert calls["first"] > 0
     assert calls["second"] > 0
-    assert calls["first"] + calls["second"] == ORDERS
+    assert calls["first"] + calls["second"] >= ORDERS
 
     # Every event: one copy handled, the other acked as a duplicate; nothing retried.
     by_event: dict[str, Counter[str]] = defaultdict(Counter)
-    for receipt in {r["event_id"]: DeliveryReceipt.model_validate(r) for r in receipts
-                    if r["event_type"] == "DeliveryReceipt"}.values():
+    for receipt in {r["event_id"]: DeliveryReceipt.model_validate(r)
+                    for r in _single(receipts)}.values():
         if receipt.handled_event_id in ours:
             by_event[receipt.handled_event_id][receipt.outcome] += 1
     assert {event_id: dict(c) for event_id, c in by_event.items()} == {
@@ -168,6 +170,17 @@ async def test_two_replicas_sharing_a_database_and_a_queue_give_one_effect_per_e
     assert published_outcomes[StockReservationFailed] == []
     dlq = await channel.declare_queue(topology.dlq(queue_name), passive=True)
     assert dlq.declaration_result.message_count == 0
+
+
+def _single(audit: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The receipts among audit messages, a batch's (DeliveryReceipts) unpacked."""
+    found: list[dict[str, Any]] = []
+    for payload in audit:
+        if payload["event_type"] == "DeliveryReceipt":
+            found.append(payload)
+        elif payload["event_type"] == "DeliveryReceipts":
+            found.extend(payload["receipts"])
+    return found
 
 
 def _units(order: OrderPlaced) -> dict[str, int]:

@@ -17,7 +17,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common.broker import Publisher, UnroutableError
 from common.db import UTCDateTime, create_tables, make_engine
 from common.events import Event, ReservedLine, StockReserved
-from common.outbox import Relay, add_to_outbox, inbox, kit_metadata, outbox, remember, seen
+from common.outbox import (
+    Relay,
+    add_to_outbox,
+    claim,
+    inbox,
+    kit_metadata,
+    outbox,
+    remember,
+    seen,
+)
 from tests.integration.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -216,6 +225,48 @@ async def test_two_replicas_recording_one_event_at_once_let_one_win(
         count = await conn.scalar(sa.select(sa.func.count()).select_from(inbox)
                                   .where(inbox.c.event_id == event_id))
     assert count == 1
+
+
+async def test_a_batch_claims_only_the_events_not_handled_before(engine: AsyncEngine) -> None:
+    """`claim` records a batch's event ids in one statement and returns the new ones: an id
+    handled before, or twice in the batch, is claimed once."""
+    old, new = str(uuid.uuid4()), str(uuid.uuid4())
+    async with engine.begin() as conn:
+        await remember(conn, QUEUE, old)
+    async with engine.begin() as conn:
+        assert await claim(conn, QUEUE, [old, new, new]) == {new}
+        assert await claim(conn, "seller.order.placed", [old]) == {old}  # its own records
+        assert await claim(conn, QUEUE, []) == set()
+    async with engine.connect() as conn:
+        assert await seen(conn, QUEUE, new)
+
+
+async def test_a_replica_claiming_an_event_another_holds_waits_then_sees_a_duplicate(
+        pg_engine: AsyncEngine) -> None:
+    """PostgreSQL: a batch claiming an event another replica claimed but has not committed
+    waits for that commit, then leaves it out (a duplicate), instead of failing the batch."""
+    engine = pg_engine
+    event_id, other = str(uuid.uuid4()), str(uuid.uuid4())
+
+    async def second_replica() -> set[str]:
+        async with engine.begin() as conn:
+            return await claim(conn, QUEUE, [other, event_id])
+
+    async with engine.connect() as first:
+        assert await claim(first, QUEUE, [event_id]) == {event_id}
+        pid = await first.scalar(sa.text("SELECT pg_backend_pid()"))
+        racing = asyncio.create_task(second_replica())
+
+        async def blocked_by_first() -> bool:
+            async with engine.connect() as probe:
+                blocked = await probe.scalar(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE :pid = ANY(pg_blocking_pids(pid))"), {"pid": pid})
+            return bool(blocked)
+
+        await wait_for(blocked_by_first, what="the second claim to wait for the first")
+        await first.commit()
+    assert await racing == {other}
 
 
 # --- retention --------------------------------------------------------------------------------

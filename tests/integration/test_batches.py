@@ -1,0 +1,112 @@
+"""Deliveries that wait on a queue are handled in batches, with a single delivery's guarantees.
+
+Each test preloads the subscriber's queue before the service starts, so the runner meets a
+backlog and batches it: one transaction, one receipts message and one ack per batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import aio_pika
+import pytest
+
+from common.broker import Publisher
+from common.events import DeliveryReceipt, Event, OrderPlaced
+from common.runner import Runtime
+from common.topology import Topology
+from tests.integration.support import StartService, receipts_in, wait_for
+from tests.integration.test_kit import PROBE, an_order, effect_count
+
+pytestmark = pytest.mark.integration
+
+
+async def preload(amqp: aio_pika.abc.AbstractRobustConnection, prefix: str,
+                  events: list[Event]) -> None:
+    """Declare the probe's queue as the service will, and publish `events` into it."""
+    topology = Topology(prefix, retry_delays=(0.2, 0.6))
+    channel = await amqp.channel()
+    exchange = await topology.declare_event_exchange(channel, OrderPlaced)
+    await topology.declare_subscriber_queue(channel, topology.queue(PROBE.name, OrderPlaced),
+                                            exchange)
+    await channel.close()
+    publisher = Publisher(amqp, topology)
+    for event in events:
+        await publisher.publish(event)
+    await publisher.close()
+
+
+async def audit_messages(amqp: aio_pika.abc.AbstractRobustConnection, runtime: Runtime[Any],
+                         until: int) -> tuple[int, list[DeliveryReceipt]]:
+    """Drain the audit queue until `until` receipts arrived: (messages, receipts)."""
+    channel = await amqp.channel()
+    audit = await channel.declare_queue(runtime.topology.audit_queue, passive=True)
+    found: list[DeliveryReceipt] = []
+    carriers: list[int] = []  # receipts per message that carried any
+
+    async def collect() -> bool:
+        while (message := await audit.get(fail=False)) is not None:
+            await message.ack()
+            if receipts := receipts_in(message):
+                carriers.append(len(receipts))
+                found.extend(receipts)
+        return len(found) >= until
+
+    await wait_for(collect, what=f"{until} receipts", timeout=30)
+    await channel.close()
+    return len(carriers), found
+
+
+async def test_a_backlog_is_handled_in_batches_with_one_receipts_message_each(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection,
+        name_prefix: str) -> None:
+    """200 waiting orders: each has one effect and one `handled` receipt, and the receipts
+    come in far fewer messages than deliveries."""
+    orders = [an_order() for _ in range(200)]
+    await preload(amqp, name_prefix, list(orders))
+    runtime = await start_service(PROBE, prefetch=64)
+    messages, receipts = await audit_messages(amqp, runtime, until=len(orders))
+    for order in orders:
+        assert await effect_count(runtime, order.order_id) == 1
+    assert Counter(r.handled_event_id for r in receipts) == Counter(
+        str(o.event_id) for o in orders)
+    assert {r.outcome for r in receipts} == {"handled"}
+    assert messages <= len(orders) // 4, f"{messages} receipt messages for 200 deliveries"
+
+
+async def test_one_failing_delivery_in_a_batch_leaves_the_others_committed_once(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection,
+        name_prefix: str) -> None:
+    """A handler failure in the middle of a batch rolls the batch back; the deliveries are
+    then handled one by one: the good ones once each, the bad one retried on its own."""
+    good = [an_order() for _ in range(40)]
+    bad = an_order("explode")
+    await preload(amqp, name_prefix, [*good[:20], bad, *good[20:]])
+    runtime = await start_service(PROBE, prefetch=64)
+    # 40 handled, then the bad one's failures: retried twice, then dead-lettered.
+    _, receipts = await audit_messages(amqp, runtime, until=len(good) + 3)
+    for order in good:
+        assert await effect_count(runtime, order.order_id) == 1
+    assert await effect_count(runtime, bad.order_id) == 0
+    outcomes = Counter((r.handled_event_id, r.outcome) for r in receipts)
+    assert {event_id for (event_id, outcome) in outcomes if outcome == "handled"} == {
+        str(o.event_id) for o in good}
+    assert all(n == 1 for (_, outcome), n in outcomes.items() if outcome == "handled")
+    assert outcomes[(str(bad.event_id), "retried")] == 2
+    assert outcomes[(str(bad.event_id), "dead_lettered")] == 1
+
+
+async def test_the_same_event_twice_in_one_batch_has_one_effect(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection,
+        name_prefix: str) -> None:
+    """A duplicate right behind its original, in the same batch: one effect, and receipts
+    saying handled then duplicate."""
+    twice = an_order()
+    others = [an_order() for _ in range(10)]
+    await preload(amqp, name_prefix, [*others[:5], twice, twice, *others[5:]])
+    runtime = await start_service(PROBE, prefetch=64)
+    _, receipts = await audit_messages(amqp, runtime, until=12)
+    assert await effect_count(runtime, twice.order_id) == 1
+    assert sorted(r.outcome for r in receipts if r.handled_event_id == str(twice.event_id)) \
+        == ["duplicate", "handled"]
