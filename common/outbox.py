@@ -18,19 +18,18 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     func,
     insert,
     or_,
     select,
-    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.elements import ColumnElement
 
 from common.broker import Publisher
 from common.db import UTCDateTime
@@ -77,6 +76,32 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The relay's statements, built once: a statement built per call costs SQLAlchemy more than
+# SQLite takes to run it.
+_UNSENT_COLUMNS = (outbox.c.id, outbox.c.event_type, outbox.c.body, outbox.c.attempts,
+                   outbox.c.partition_key, outbox.c.trace_context, outbox.c.next_attempt_at)
+_UNSENT_ALL = (select(*_UNSENT_COLUMNS).where(outbox.c.sent_at.is_(None))
+               .order_by(outbox.c.id).limit(bindparam("limit")))
+#: Replicas sharing one database each publish their own rows, so an event goes out once; a
+#: row whose process died is taken over by any relay after the orphan age (two relays
+#: taking the same orphan publish it twice: consumers dedupe it).
+_UNSENT_MINE_OR_ORPHANED = (
+    select(*_UNSENT_COLUMNS)
+    .where(outbox.c.sent_at.is_(None),
+           or_(outbox.c.instance == bindparam("instance"), outbox.c.instance.is_(None),
+               outbox.c.created_at < bindparam("orphaned_before")))
+    .order_by(outbox.c.id).limit(bindparam("limit")))
+_MARK_SENT = (update(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True)))
+              .values(sent_at=bindparam("now")))
+_MARK_FAILED = (update(outbox).where(outbox.c.id == bindparam("row_id"))
+                .values(attempts=bindparam("attempts"), last_error=bindparam("error"),
+                        next_attempt_at=bindparam("retry_at")))
+_INSERT_OUTBOX = insert(outbox)
+_INSERT_INBOX = insert(inbox)
+_SEEN = select(inbox.c.event_id).where(inbox.c.queue == bindparam("queue"),
+                                       inbox.c.event_id == bindparam("event_id"))
+
+
 async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event],
                         instance: str | None = None,
                         traces: Mapping[uuid.UUID, str] | None = None) -> None:
@@ -91,7 +116,7 @@ async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event],
     trace_headers = current_trace_headers()
     trace_context = json.dumps(trace_headers) if trace_headers else None
     traces = traces or {}
-    await conn.execute(insert(outbox), [
+    await conn.execute(_INSERT_OUTBOX, [
         {"event_id": str(e.event_id), "event_type": e.event_type,
          "body": e.model_dump_json(), "created_at": now, "attempts": 0,
          "partition_key": e.correlation_id or str(e.event_id),
@@ -101,13 +126,13 @@ async def add_to_outbox(conn: AsyncConnection, events: Sequence[Event],
 
 
 async def seen(conn: AsyncConnection, queue: str, event_id: str) -> bool:
-    row = await conn.execute(
-        select(inbox.c.event_id).where(inbox.c.queue == queue, inbox.c.event_id == event_id))
+    row = await conn.execute(_SEEN, {"queue": queue, "event_id": event_id})
     return row.first() is not None
 
 
 async def remember(conn: AsyncConnection, queue: str, event_id: str) -> None:
-    await conn.execute(insert(inbox).values(queue=queue, event_id=event_id, handled_at=utcnow()))
+    await conn.execute(_INSERT_INBOX,
+                       {"queue": queue, "event_id": event_id, "handled_at": utcnow()})
 
 
 async def claim(conn: AsyncConnection, queue: str, event_ids: Sequence[str]) -> set[str]:
@@ -185,9 +210,10 @@ class Relay:
                 log.warning("outbox relay could not read its table; retrying", error=str(exc))
                 await self._wait(self._poll_interval)
                 continue
-            if sent and not failed:
-                continue  # there may be more behind this batch
-            if not failed:
+            if sent >= self._batch and not failed:
+                continue  # a full batch: there may be more behind it
+            if not failed and not self._wake.is_set():
+                # Nothing committed since this flush read the table: all of it is out.
                 self._idle.set()
             if loop.time() - last_gauge > 5:
                 last_gauge = loop.time()
@@ -206,57 +232,51 @@ class Relay:
                 await self._wake.wait()
 
     async def flush_once(self) -> tuple[int, int]:
-        """Publish one batch of due rows; returns (sent, failed)."""
+        """Publish one batch of due rows; returns (sent, failed).
+
+        One query reads the oldest unsent rows, due or not: a row still waiting out its
+        backoff holds back the rows of its key behind it, and only those.
+        """
         now = utcnow()
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(
-                select(outbox.c.id, outbox.c.event_type, outbox.c.body, outbox.c.attempts,
-                       outbox.c.partition_key, outbox.c.trace_context)
-                .where(outbox.c.sent_at.is_(None),
-                       or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now),
-                       self._mine_or_orphaned(now))
-                .order_by(outbox.c.id).limit(self._batch)
-            )).all()
-            if not rows:
-                return 0, 0
-            # Keys with an earlier row still waiting out its backoff: nothing of theirs may
-            # overtake it.
-            waiting = {r.partition_key: r.first_id for r in (await conn.execute(
-                select(outbox.c.partition_key, func.min(outbox.c.id).label("first_id"))
-                .where(outbox.c.sent_at.is_(None), outbox.c.next_attempt_at > now)
-                .group_by(outbox.c.partition_key))).all()}
+            if self._instance is None:
+                rows = (await conn.execute(_UNSENT_ALL, {"limit": self._batch})).all()
+            else:
+                rows = (await conn.execute(_UNSENT_MINE_OR_ORPHANED, {
+                    "limit": self._batch, "instance": self._instance,
+                    "orphaned_before": now - self._orphan_after})).all()
+        if not rows:
+            return 0, 0
         by_key: dict[str, list[Any]] = {}
+        held: set[str] = set()
         for row in rows:
-            if row.partition_key in waiting and waiting[row.partition_key] < row.id:
+            if row.partition_key in held:
+                continue
+            if row.next_attempt_at is not None and row.next_attempt_at > now:
+                held.add(row.partition_key)
                 continue
             by_key.setdefault(row.partition_key, []).append(row)
+        if not by_key:
+            return 0, 0
         outcomes = await asyncio.gather(*(self._publish_in_order(k) for k in by_key.values()))
         sent_ids = [i for ids, _ in outcomes for i in ids]
         failures = [f for _, f in outcomes if f is not None]
         async with self._write_lock, self._engine.begin() as conn:
             if sent_ids:
-                await conn.execute(update(outbox).where(outbox.c.id.in_(sent_ids))
-                                   .values(sent_at=utcnow()))
-            for row, exc in failures:
-                backoff = min(0.2 * 2 ** row.attempts, self._max_backoff)
-                await conn.execute(update(outbox).where(outbox.c.id == row.id).values(
-                    attempts=row.attempts + 1, last_error=f"{type(exc).__name__}: {exc}"[:2000],
-                    next_attempt_at=utcnow() + timedelta(seconds=backoff)))
+                await conn.execute(_MARK_SENT, {"ids": sent_ids, "now": utcnow()})
+            if failures:
+                await conn.execute(_MARK_FAILED, [{
+                    "row_id": row.id, "attempts": row.attempts + 1,
+                    "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    "retry_at": utcnow() + timedelta(
+                        seconds=min(0.2 * 2 ** row.attempts, self._max_backoff)),
+                } for row, exc in failures])
         if failures:
             row, exc = failures[0]
             log.warning("outbox relay could not publish; will retry", failed=len(failures),
                         sent=len(sent_ids), error=str(exc) or type(exc).__name__,
                         error_type=type(exc).__name__, first_event_type=row.event_type)
         return len(sent_ids), len(failures)
-
-    def _mine_or_orphaned(self, now: datetime) -> ColumnElement[bool]:
-        """Replicas sharing one database each publish their own rows, so an event goes out
-        once; a row whose process died is taken over by any relay after the orphan age (two
-        relays taking the same orphan publish it twice: consumers dedupe it)."""
-        if self._instance is None:
-            return true()
-        return or_(outbox.c.instance == self._instance, outbox.c.instance.is_(None),
-                   outbox.c.created_at < now - self._orphan_after)
 
     async def _publish_in_order(self, rows: list[Any]
                                 ) -> tuple[list[int], tuple[Any, BaseException] | None]:

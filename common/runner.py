@@ -36,8 +36,6 @@ from common.outbox import (
     add_to_outbox,
     claim,
     kit_metadata,
-    remember,
-    seen,
     utcnow,
 )
 from common.service import Handler, ServiceSpec, StoreT
@@ -434,9 +432,7 @@ class ServiceRunner(Generic[StoreT]):
                     receipts.append(self._receipt(sub, event, "handled", None, received_at,
                                                   started))
             if sub.receipts:
-                produced.append(DeliveryReceipts(subscriber=self.spec.name, queue=sub.queue,
-                                                 receipts=tuple(receipts),
-                                                 producer=self.spec.name))
+                produced.extend(await self._keep_receipts(conn, sub, receipts))
             return produced
 
         await self.runtime.execute(work, traces)
@@ -489,16 +485,15 @@ class ServiceRunner(Generic[StoreT]):
 
         async def work(conn: AsyncConnection) -> Sequence[Event]:
             nonlocal duplicate
-            if sub.receipts and await seen(conn, sub.queue, event_id):
+            if sub.receipts and not await claim(conn, sub.queue, [event_id]):
                 duplicate = True
-                return [self._receipt(sub, event, "duplicate", None, received_at, started)]
-            if sub.receipts:
-                await remember(conn, sub.queue, event_id)
+                return await self._keep_receipts(conn, sub, [self._receipt(
+                    sub, event, "duplicate", None, received_at, started)])
             produced = [e.caused(event, self.spec.name)
                         for e in await handler(event, self.spec.store(conn))]
             if sub.receipts:
-                produced.append(self._receipt(sub, event, "handled", None, received_at,
-                                              started))
+                produced.extend(await self._keep_receipts(conn, sub, [self._receipt(
+                    sub, event, "handled", None, received_at, started)]))
             return produced
 
         try:
@@ -509,9 +504,31 @@ class ServiceRunner(Generic[StoreT]):
             if not sub.receipts:
                 raise
             duplicate = True
-            await rt.execute(_constant(self._receipt(
-                sub, event, "duplicate", None, received_at, started)))
+            await rt.execute(self._receipts_work(sub, [self._receipt(
+                sub, event, "duplicate", None, received_at, started)]))
         return duplicate
+
+    async def _keep_receipts(self, conn: AsyncConnection, sub: Subscription[StoreT],
+                             receipts: Sequence[DeliveryReceipt]) -> list[Event]:
+        """The receipts to publish with the transaction's other events: one message for a
+        batch. A service that keeps receipts itself (the tracker) stores its own in this
+        transaction instead: a message to itself would only cost a round trip."""
+        if not receipts:
+            return []
+        if self.spec.keep_receipts is not None:
+            await self.spec.keep_receipts(self.spec.store(conn), receipts)
+            return []
+        if len(receipts) == 1:
+            return [receipts[0]]
+        return [DeliveryReceipts(subscriber=self.spec.name, queue=sub.queue,
+                                 receipts=tuple(receipts), producer=self.spec.name)]
+
+    def _receipts_work(self, sub: Subscription[StoreT],
+                       receipts: Sequence[DeliveryReceipt]) -> Work:
+        async def work(conn: AsyncConnection) -> Sequence[Event]:
+            return await self._keep_receipts(conn, sub, receipts)
+
+        return work
 
     def _receipt(self, sub: Subscription[StoreT], event: Event | None, outcome: str,
                  error: str | None, received_at: datetime, started: float,
@@ -594,7 +611,7 @@ class ServiceRunner(Generic[StoreT]):
                                     f"{type(error).__name__}: {error}"[:2000], received_at,
                                     started, message, attempt=attempts)
             try:
-                await rt.execute(_constant(receipt))
+                await rt.execute(self._receipts_work(sub, [receipt]))
             except Exception:
                 log.exception("could not record the receipt of a failed delivery")
         return "retried" if retrying else "dead_lettered"

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.events import Event
+from common.events import DeliveryReceipt, Event
 
 StoreT = TypeVar("StoreT")
 
@@ -35,3 +35,6 @@ class ServiceSpec(Generic[StoreT]):
     on_start: Callable[[AsyncEngine], Awaitable[None]] | None = None
     #: Extra handlers on the audit queue (receipts, announcements); only the tracker has them.
     audit_handlers: Mapping[type[Event], Handler[StoreT]] = field(default_factory=dict)
+    #: Stores receipts in the service's own tables. The tracker sets it: the receipts of
+    #: its own deliveries are then kept in the delivery's transaction, not sent to itself.
+    keep_receipts: Callable[[StoreT, Sequence[DeliveryReceipt]], Awaitable[None]] | None = None

@@ -55,6 +55,19 @@ DEMO_CATALOGUE: dict[str, int] = {
 }
 
 
+
+# The hot statements, built once (a statement built per call costs SQLAlchemy more than the
+# database takes to run it).
+_LEVELS = (sa.select(stock.c.sku, stock.c.on_hand - stock.c.reserved)
+           .where(stock.c.sku.in_(sa.bindparam("skus", expanding=True)))
+           .order_by(stock.c.sku)
+           .with_for_update())
+_RESERVE = (stock.update()
+            .where(stock.c.sku == sa.bindparam("line_sku"))
+            .where(stock.c.on_hand - stock.c.reserved >= sa.bindparam("quantity"))
+            .values(reserved=stock.c.reserved + sa.bindparam("quantity"),
+                    updated_at=sa.bindparam("now")))
+
 class ReservationConflictError(RuntimeError):
     """A concurrent change took the stock between the check and the reservation.
 
@@ -96,13 +109,7 @@ class StockStore:
         wanted = sorted(set(skus))
         if not wanted:
             return {}
-        query = (
-            sa.select(stock.c.sku, stock.c.on_hand - stock.c.reserved)
-            .where(stock.c.sku.in_(wanted))
-            .order_by(stock.c.sku)
-            .with_for_update()
-        )
-        rows = await self._conn.execute(query)
+        rows = await self._conn.execute(_LEVELS, {"skus": wanted})
         return {sku: int(available) for sku, available in rows}
 
     async def reserve(self, order_id: uuid.UUID, lines: Sequence[ReservedLine]) -> None:
@@ -117,11 +124,7 @@ class StockStore:
         # same order and cannot deadlock each other on PostgreSQL.
         for line in sorted(lines, key=lambda ln: ln.sku):
             result = await self._conn.execute(
-                stock.update()
-                .where(stock.c.sku == line.sku)
-                .where(stock.c.on_hand - stock.c.reserved >= line.quantity)
-                .values(reserved=stock.c.reserved + line.quantity, updated_at=now)
-            )
+                _RESERVE, {"line_sku": line.sku, "quantity": line.quantity, "now": now})
             if result.rowcount != 1:
                 raise ReservationConflictError(
                     f"cannot reserve {line.quantity} x {line.sku} for order {order_id}: "

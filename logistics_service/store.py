@@ -46,15 +46,16 @@ class ShipmentStore:
 
     async def add(self, shipment: Shipment) -> None:
         """Store a scheduled shipment."""
-        await self._conn.execute(shipments.insert().values(
-            shipment_id=shipment.shipment_id,
-            order_id=shipment.order_id,
-            carrier=shipment.carrier,
-            tracking_number=shipment.tracking_number,
-            destination_country=shipment.destination_country,
-            estimated_delivery=shipment.estimated_delivery,
-            created_at=datetime.now(UTC),
-        ))
+        # Parameters apart from the statement: SQLAlchemy then reuses its compiled form.
+        await self._conn.execute(shipments.insert(), {
+            "shipment_id": shipment.shipment_id,
+            "order_id": shipment.order_id,
+            "carrier": shipment.carrier,
+            "tracking_number": shipment.tracking_number,
+            "destination_country": shipment.destination_country,
+            "estimated_delivery": shipment.estimated_delivery,
+            "created_at": datetime.now(UTC),
+        })
 
     async def get(self, order_id: uuid.UUID) -> Shipment | None:
         """The shipment of an order, or None."""

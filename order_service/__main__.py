@@ -19,6 +19,7 @@ SPEC = ServiceSpec(
     metadata=metadata,
     on_start=add_missing_columns,
     audit_handlers=AUDIT_HANDLERS,
+    keep_receipts=OrderStore.record_deliveries,
 )
 
 

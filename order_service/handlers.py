@@ -80,8 +80,11 @@ async def delivery_receipt(event: DeliveryReceipt, store: OrderStore) -> list[Ev
 
 async def delivery_receipts(event: DeliveryReceipts, store: OrderStore) -> list[Event]:
     """A subscriber's receipts for a batch of deliveries it handled together."""
+    await store.record_deliveries(event.receipts)
+    now = datetime.now(UTC)
     for receipt in event.receipts:
-        await delivery_receipt(receipt, store)
+        RECEIPT_LAG.labels(receipt.subscriber, receipt.outcome).observe(
+            max(0.0, (now - receipt.occurred_at).total_seconds()))
     return []
 
 

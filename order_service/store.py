@@ -142,6 +142,25 @@ def _upsert(conn: AsyncConnection, table: sa.Table, values: Mapping[str, Any],
     return None
 
 
+#: What a receipt for the same (event, subscriber, outcome) as a stored one refreshes.
+_DELIVERY_REFRESHED = ("receipt_id", "error", "received_at", "duration_ms")
+
+
+def _delivery_upsert(insert: Any) -> sa.Executable:
+    stmt = insert(deliveries)
+    upsert: sa.Executable = stmt.on_conflict_do_update(
+        index_elements=["event_id", "subscriber", "outcome"],
+        set_={name: stmt.excluded[name] for name in _DELIVERY_REFRESHED})
+    return upsert
+
+
+_REGISTRY = sa.select(subscribers).order_by(subscribers.c.name)
+
+#: The receipts' INSERT ... ON CONFLICT DO UPDATE, built once: executed with many rows.
+_DELIVERY_UPSERTS = {"sqlite": _delivery_upsert(sqlite.insert),
+                     "postgresql": _delivery_upsert(postgresql.insert)}
+
+
 class OrderStore:
     """The order service's data, on one connection (the caller owns the transaction)."""
 
@@ -156,16 +175,16 @@ class OrderStore:
         Returns the expected subscribers' names.
         """
         placed_at = event.occurred_at.astimezone(UTC)
-        await self.conn.execute(orders.insert().values(
-            order_id=str(event.order_id),
-            customer_id=event.customer_id,
-            currency=event.currency,
-            total=event.total,
-            placed_at=placed_at,
-            state=OrderState.ACCEPTED.value,
-            body=event.model_dump_json(),
-            event_id=str(event.event_id),
-        ))
+        await self.conn.execute(orders.insert(), {
+            "order_id": str(event.order_id),
+            "customer_id": event.customer_id,
+            "currency": event.currency,
+            "total": event.total,
+            "placed_at": placed_at,
+            "state": OrderState.ACCEPTED.value,
+            "body": event.model_dump_json(),
+            "event_id": str(event.event_id),
+        })
         expected = await self.subscribers_of("OrderPlaced", seen_by=placed_at)
         if expected:
             await self.conn.execute(order_expectations.insert(), [
@@ -184,24 +203,19 @@ class OrderStore:
 
     async def advance_state(self, order_id: uuid.UUID | str, seen: OrderState) -> None:
         """Move the order forward to `seen` if that is progress (unknown orders: no-op)."""
-        row = (await self.conn.execute(
-            sa.select(orders.c.state).where(orders.c.order_id == str(order_id)))).first()
-        if row is None:
-            return
-        current = OrderState(row.state)
-        new = advance(current, seen)
-        if new != current:
-            await self.conn.execute(orders.update()
-                                    .where(orders.c.order_id == str(order_id))
-                                    .values(state=new.value))
+        weaker = [state.value for state in OrderState if advance(state, seen) != state]
+        await self.conn.execute(
+            orders.update()
+            .where(orders.c.order_id == str(order_id), orders.c.state.in_(weaker))
+            .values(state=seen.value))
 
     async def record_outcome(self, order_id: uuid.UUID, kind: str, detail: Mapping[str, Any],
                              at: datetime, event_id: uuid.UUID,
                              producer: str | None = None) -> None:
         """Keep a domain outcome another service reported (and which service it was)."""
-        await self.conn.execute(outcomes.insert().values(
-            order_id=str(order_id), kind=kind, detail=json.dumps(detail, default=str),
-            at=at, event_id=str(event_id), producer=producer))
+        await self.conn.execute(outcomes.insert(), {
+            "order_id": str(order_id), "kind": kind, "detail": json.dumps(detail, default=str),
+            "at": at, "event_id": str(event_id), "producer": producer})
 
     # --- registry -------------------------------------------------------------------
 
@@ -227,8 +241,7 @@ class OrderStore:
 
     async def list_subscribers(self) -> list[Subscriber]:
         """The registry, by name."""
-        rows = (await self.conn.execute(
-            sa.select(subscribers).order_by(subscribers.c.name))).all()
+        rows = (await self.conn.execute(_REGISTRY)).all()
         return [Subscriber(name=r.name, consumes=json.loads(r.consumes), instance=r.instance,
                            first_seen=r.first_seen, last_seen=r.last_seen) for r in rows]
 
@@ -241,66 +254,82 @@ class OrderStore:
 
     async def record_delivery(self, receipt: DeliveryReceipt) -> None:
         """Keep a delivery receipt; the same (event, subscriber, outcome) is kept once."""
-        already = (await self.conn.execute(sa.select(deliveries.c.id).where(
-            deliveries.c.receipt_id == str(receipt.event_id)))).first()
-        if already is not None:
-            return
-        order_id = await self._known_order(receipt.correlation_id)
-        values = {
-            "receipt_id": str(receipt.event_id),
-            "order_id": order_id,
-            "correlation_id": receipt.correlation_id,
-            "event_id": receipt.handled_event_id,
-            "event_type": receipt.handled_event_type,
-            "subscriber": receipt.subscriber,
-            "queue": receipt.queue,
-            "outcome": receipt.outcome,
-            "error": receipt.error,
-            "received_at": receipt.received_at,
-            "duration_ms": receipt.duration_ms,
-        }
-        if receipt.handled_event_id is None:
-            # Unreadable body: no event id to group on (NULLs never conflict); keep each.
-            await self.conn.execute(deliveries.insert().values(**values))
-        else:
-            # The same event, subscriber and outcome again (a replayed delivery failing once
-            # more): one row, with the latest error and timing.
-            update = {k: values[k]
-                      for k in ("receipt_id", "error", "received_at", "duration_ms")}
-            stmt = _upsert(self.conn, deliveries, values,
-                           ["event_id", "subscriber", "outcome"], update)
-            if stmt is None:
-                stmt = await self._portable_delivery_upsert(values, update)
-            if stmt is not None:
-                await self.conn.execute(stmt)
-        if order_id is not None and receipt.handled_event_id is not None:
-            placed = (await self.conn.execute(sa.select(orders.c.order_id).where(
-                orders.c.event_id == receipt.handled_event_id))).first()
-            if placed is not None:
-                # A receipt for the order's OrderPlaced proves it was published.
-                await self.advance_state(order_id, OrderState.PLACED)
+        await self.record_deliveries([receipt])
 
-    async def _portable_delivery_upsert(self, values: Mapping[str, Any],
-                                        update: Mapping[str, Any]) -> sa.Executable:
+    async def record_deliveries(self, receipts: Sequence[DeliveryReceipt]) -> None:
+        """Keep receipts (a batch's): a few statements however many there are.
+
+        The same (event, subscriber, outcome) again (a replayed delivery failing once more,
+        a redelivered receipt) is one row, with the latest error and timing. A receipt for
+        an order's OrderPlaced proves the order was published.
+        """
+        if not receipts:
+            return
+        known = await self._known_orders({r.correlation_id for r in receipts})
+        rows = [{
+            "receipt_id": str(r.event_id),
+            "order_id": r.correlation_id if r.correlation_id in known else None,
+            "correlation_id": r.correlation_id,
+            "event_id": r.handled_event_id,
+            "event_type": r.handled_event_type,
+            "subscriber": r.subscriber,
+            "queue": r.queue,
+            "outcome": r.outcome,
+            "error": r.error,
+            "received_at": r.received_at,
+            "duration_ms": r.duration_ms,
+        } for r in receipts]
+        # Unreadable bodies: no event id to group on (NULLs never conflict); keep each
+        # receipt once, by its own id.
+        unkeyed = [row for row in rows if row["event_id"] is None]
+        if unkeyed:
+            stored = set((await self.conn.execute(sa.select(deliveries.c.receipt_id).where(
+                deliveries.c.receipt_id.in_([row["receipt_id"] for row in unkeyed])))).scalars())
+            fresh = [row for row in unkeyed if row["receipt_id"] not in stored]
+            if fresh:
+                await self.conn.execute(deliveries.insert(), fresh)
+        keyed = {(row["event_id"], row["subscriber"], row["outcome"]): row
+                 for row in rows if row["event_id"] is not None}
+        upsert = _DELIVERY_UPSERTS.get(self.conn.dialect.name)
+        if keyed and upsert is not None:
+            await self.conn.execute(upsert, list(keyed.values()))
+        else:
+            for row in keyed.values():
+                await self.conn.execute(await self._portable_delivery_upsert(row))
+        published = [r.handled_event_id for r in receipts
+                     if r.handled_event_type == "OrderPlaced" and r.correlation_id in known]
+        if published:
+            await self.conn.execute(
+                orders.update()
+                .where(orders.c.event_id.in_(published),
+                       orders.c.state == OrderState.ACCEPTED.value)
+                .values(state=OrderState.PLACED.value))
+
+    async def _portable_delivery_upsert(self, values: Mapping[str, Any]) -> sa.Executable:
         match = sa.and_(deliveries.c.event_id == values["event_id"],
                         deliveries.c.subscriber == values["subscriber"],
                         deliveries.c.outcome == values["outcome"])
         found = (await self.conn.execute(sa.select(deliveries.c.id).where(match))).first()
         if found is None:
             return deliveries.insert().values(**values)
-        return deliveries.update().where(match).values(**update)
+        return deliveries.update().where(match).values(
+            **{k: values[k] for k in _DELIVERY_REFRESHED})
 
-    async def _known_order(self, correlation_id: str | None) -> str | None:
-        """The order id a correlation id names, when it is one of ours."""
-        if correlation_id is None:
-            return None
-        try:
-            order_id = str(uuid.UUID(correlation_id))
-        except ValueError:
-            return None
-        row = (await self.conn.execute(
-            sa.select(orders.c.order_id).where(orders.c.order_id == order_id))).first()
-        return None if row is None else order_id
+    async def _known_orders(self, correlation_ids: set[str | None]) -> set[str]:
+        """Those of `correlation_ids` that name one of our orders."""
+        candidates = []
+        for correlation_id in correlation_ids:
+            if correlation_id is None:
+                continue
+            try:
+                candidates.append(str(uuid.UUID(correlation_id)))
+            except ValueError:
+                continue
+        if not candidates:
+            return set()
+        rows = await self.conn.execute(
+            sa.select(orders.c.order_id).where(orders.c.order_id.in_(candidates)))
+        return set(rows.scalars())
 
     # --- reads ----------------------------------------------------------------------
 

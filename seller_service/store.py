@@ -62,14 +62,15 @@ class InboxStore:
         """Put a seller's share of an order in that seller's inbox."""
         note = Notification(seller_id=share.seller_id, order_id=order_id, lines=share.lines,
                             total=share.total, currency=currency, created_at=datetime.now(UTC))
-        await self._conn.execute(notifications.insert().values(
-            seller_id=note.seller_id,
-            order_id=note.order_id,
-            lines=_LINES.dump_json(note.lines).decode(),
-            total=str(note.total),
-            currency=note.currency,
-            created_at=note.created_at,
-        ))
+        # Parameters apart from the statement: SQLAlchemy then reuses its compiled form.
+        await self._conn.execute(notifications.insert(), {
+            "seller_id": note.seller_id,
+            "order_id": note.order_id,
+            "lines": _LINES.dump_json(note.lines).decode(),
+            "total": str(note.total),
+            "currency": note.currency,
+            "created_at": note.created_at,
+        })
         return note
 
     async def inbox(self, seller_id: str, limit: int = 100) -> list[Notification]:
