@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import aio_pika
 from aio_pika.abc import (
@@ -20,7 +22,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPConnectionError
 from yarl import URL
 
-from common.events import Event
+from common.events import EVENT_TYPES, Event
 from common.logging import get_logger
 from common.telemetry import CONFIRM_SECONDS, PUBLISH_FAILURES, publish_span
 from common.topology import Topology
@@ -90,19 +92,49 @@ def instance_name(service: str) -> str:
     return f"{service}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def message_for(event: Event, body: bytes | None = None,
+class Envelope(NamedTuple):
+    """An event's envelope: what its AMQP properties repeat and its exchange is chosen by."""
+
+    event_id: str
+    event_type: str
+    schema_version: int
+    occurred_at: datetime
+    correlation_id: str | None
+    producer: str | None
+
+    @classmethod
+    def of(cls, event: Event) -> Envelope:
+        return cls(str(event.event_id), event.event_type, event.schema_version,
+                   event.occurred_at, event.correlation_id, event.producer)
+
+    @classmethod
+    def read(cls, body: str | bytes) -> Envelope:
+        """The envelope of a stored event, without validating its payload again (it was
+        validated when it was made)."""
+        data = json.loads(body)
+        return cls(data["event_id"], data["event_type"], int(data.get("schema_version", 1)),
+                   datetime.fromisoformat(data["occurred_at"]), data.get("correlation_id"),
+                   data.get("producer"))
+
+
+def message_for(event: Event | Envelope, body: bytes | None = None,
                 headers: Mapping[str, Any] | None = None) -> aio_pika.Message:
     """The AMQP message for an event: the envelope repeated in the properties."""
+    if body is None:
+        if not isinstance(event, Event):
+            raise ValueError("an envelope needs its body")
+        body = event.model_dump_json().encode()
+    envelope = event if isinstance(event, Envelope) else Envelope.of(event)
     return aio_pika.Message(
-        body=body if body is not None else event.model_dump_json().encode(),
+        body=body,
         content_type=CONTENT_TYPE,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=str(event.event_id),
-        type=event.event_type,
-        correlation_id=event.correlation_id,
-        timestamp=event.occurred_at,
-        app_id=event.producer,
-        headers=dict(headers or {"schema_version": event.schema_version}),
+        message_id=envelope.event_id,
+        type=envelope.event_type,
+        correlation_id=envelope.correlation_id,
+        timestamp=envelope.occurred_at,
+        app_id=envelope.producer,
+        headers=dict(headers or {"schema_version": envelope.schema_version}),
     )
 
 
@@ -144,17 +176,31 @@ class Publisher:
         `trace_parent` is the trace context stored with the event when it was committed, so
         the publish span (and every consumer after it) joins the trace that produced it.
         """
-        exchange = await self.exchange(self._topology.exchange(type(event)))
-        with publish_span(exchange.name, str(event.event_id), event.event_type,
+        await self._publish(type(event), Envelope.of(event),
+                            body if body is not None else event.model_dump_json().encode(),
+                            trace_parent)
+
+    async def publish_stored(self, body: str, trace_parent: Mapping[str, Any] | None = None
+                             ) -> None:
+        """Publish an event as the outbox stored it (JSON), and wait for the confirm."""
+        envelope = Envelope.read(body)
+        await self._publish(EVENT_TYPES[envelope.event_type], envelope, body.encode(),
+                            trace_parent)
+
+    async def _publish(self, cls: type[Event], envelope: Envelope, body: bytes,
+                       trace_parent: Mapping[str, Any] | None) -> None:
+        exchange = await self.exchange(self._topology.exchange(cls))
+        with publish_span(exchange.name, envelope.event_id, envelope.event_type,
                           self._service, trace_parent) as trace_headers:
-            headers: dict[str, Any] = {"schema_version": event.schema_version, **trace_headers}
+            headers: dict[str, Any] = {"schema_version": envelope.schema_version,
+                                       **trace_headers}
             started = time.perf_counter()
             try:
-                await self.publish_message(exchange, message_for(event, body, headers))
+                await self.publish_message(exchange, message_for(envelope, body, headers))
             except Exception:
-                PUBLISH_FAILURES.labels(self._service, event.event_type).inc()
+                PUBLISH_FAILURES.labels(self._service, envelope.event_type).inc()
                 raise
-            CONFIRM_SECONDS.labels(self._service, event.event_type).observe(
+            CONFIRM_SECONDS.labels(self._service, envelope.event_type).observe(
                 time.perf_counter() - started)
 
     async def publish_message(self, exchange: AbstractExchange, message: aio_pika.Message,

@@ -33,7 +33,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.broker import Publisher
 from common.db import UTCDateTime
-from common.events import EVENT_TYPES, Event
+from common.events import (
+    EVENT_TYPES,
+    DeliveryReceipt,
+    DeliveryReceipts,
+    Event,
+    receipts_of,
+)
 from common.logging import get_logger
 from common.telemetry import OUTBOX_AGE, OUTBOX_BACKLOG, current_trace_headers
 
@@ -97,6 +103,7 @@ _MARK_FAILED = (update(outbox).where(outbox.c.id == bindparam("row_id"))
                 .values(attempts=bindparam("attempts"), last_error=bindparam("error"),
                         next_attempt_at=bindparam("retry_at")))
 _INSERT_OUTBOX = insert(outbox)
+_RECEIPT_TYPES = frozenset({"DeliveryReceipt", "DeliveryReceipts"})
 _INSERT_INBOX = insert(inbox)
 _SEEN = select(inbox.c.event_id).where(inbox.c.queue == bindparam("queue"),
                                        inbox.c.event_id == bindparam("event_id"))
@@ -248,6 +255,7 @@ class Relay:
         if not rows:
             return 0, 0
         by_key: dict[str, list[Any]] = {}
+        receipts: list[Any] = []
         held: set[str] = set()
         for row in rows:
             if row.partition_key in held:
@@ -255,12 +263,16 @@ class Relay:
             if row.next_attempt_at is not None and row.next_attempt_at > now:
                 held.add(row.partition_key)
                 continue
-            by_key.setdefault(row.partition_key, []).append(row)
-        if not by_key:
+            if row.event_type in _RECEIPT_TYPES:
+                receipts.append(row)  # no order to keep: the tracker takes them in any order
+            else:
+                by_key.setdefault(row.partition_key, []).append(row)
+        if not by_key and not receipts:
             return 0, 0
-        outcomes = await asyncio.gather(*(self._publish_in_order(k) for k in by_key.values()))
+        outcomes = await asyncio.gather(*(self._publish_in_order(k) for k in by_key.values()),
+                                        self._publish_receipts(receipts))
         sent_ids = [i for ids, _ in outcomes for i in ids]
-        failures = [f for _, f in outcomes if f is not None]
+        failures = [f for _, fs in outcomes for f in fs]
         async with self._write_lock, self._engine.begin() as conn:
             if sent_ids:
                 await conn.execute(_MARK_SENT, {"ids": sent_ids, "now": utcnow()})
@@ -279,19 +291,49 @@ class Relay:
         return len(sent_ids), len(failures)
 
     async def _publish_in_order(self, rows: list[Any]
-                                ) -> tuple[list[int], tuple[Any, BaseException] | None]:
+                                ) -> tuple[list[int], list[tuple[Any, BaseException]]]:
         """Publish one key's rows one after the other; stop at the first failure."""
         sent: list[int] = []
         for row in rows:
             try:
-                event = EVENT_TYPES[row.event_type].model_validate_json(row.body)
-                await self._publisher.publish(
-                    event, body=row.body.encode(),
+                await self._publisher.publish_stored(
+                    row.body,
                     trace_parent=json.loads(row.trace_context) if row.trace_context else None)
             except Exception as exc:  # reported per row; the rows behind it wait their turn
-                return sent, (row, exc)
+                return sent, [(row, exc)]
             sent.append(row.id)
-        return sent, None
+        return sent, []
+
+    async def _publish_receipts(self, rows: list[Any]
+                                ) -> tuple[list[int], list[tuple[Any, BaseException]]]:
+        """Publish the receipts of several transactions as one message per queue.
+
+        Under load the relay finds several commits' receipts at once: one message each
+        would cost the broker and the tracker as much as the events they report on.
+        """
+        if len(rows) <= 1:
+            return await self._publish_in_order(rows)
+        groups: dict[tuple[str, str], tuple[list[DeliveryReceipt], list[Any]]] = {}
+        for row in rows:
+            for receipt in receipts_of(EVENT_TYPES[row.event_type].model_validate_json(row.body)):
+                found, sources = groups.setdefault((receipt.subscriber, receipt.queue), ([], []))
+                found.append(receipt)
+                if not sources or sources[-1] is not row:
+                    sources.append(row)
+        sent: list[int] = []
+        failures: list[tuple[Any, BaseException]] = []
+        for (subscriber, queue), (found, sources) in groups.items():
+            event = DeliveryReceipts(subscriber=subscriber, queue=queue, receipts=tuple(found),
+                                     producer=self._service)
+            try:
+                await self._publisher.publish(event)
+            except Exception as exc:  # each row it came from waits out a backoff
+                failures.extend((row, exc) for row in sources)
+            else:
+                sent.extend(row.id for row in sources)
+        # A row whose receipts span two queues is sent only when both went out.
+        failed = {row.id for row, _ in failures}
+        return [i for i in dict.fromkeys(sent) if i not in failed], failures
 
     async def wait_idle(self, seconds: float) -> bool:
         """Wait until every row committed so far is published (or `seconds` pass)."""

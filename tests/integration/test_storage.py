@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
@@ -16,7 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.broker import Publisher, UnroutableError
 from common.db import UTCDateTime, create_tables, make_engine
-from common.events import Event, ReservedLine, StockReserved
+from common.events import (
+    EVENT_TYPES,
+    DeliveryReceipt,
+    DeliveryReceipts,
+    Event,
+    ReservedLine,
+    StockReserved,
+)
 from common.outbox import (
     Relay,
     add_to_outbox,
@@ -26,6 +34,7 @@ from common.outbox import (
     outbox,
     remember,
     seen,
+    utcnow,
 )
 from tests.integration.support import wait_for
 
@@ -45,6 +54,10 @@ class RecordingPublisher(Publisher):
         if event.event_id in self.refused:
             raise UnroutableError(f"no queue is bound for {event.event_type} (test refusal)")
         self.published.append((event, body))
+
+    async def publish_stored(self, body: str, trace_parent: Any = None) -> None:
+        cls = EVENT_TYPES[json.loads(body)["event_type"]]
+        await self.publish(cls.model_validate_json(body), body=body.encode())
 
     def ids(self, order_id: uuid.UUID | None = None) -> list[uuid.UUID]:
         """Event ids in publish order, of one order or of all."""
@@ -119,6 +132,28 @@ async def test_the_relay_publishes_each_orders_events_in_commit_order_once(
                for row in rows.values())
     assert await relay.flush_once() == (0, 0)
     assert len(publisher.published) == 8
+
+
+async def test_receipts_of_several_commits_go_out_as_one_message(engine: AsyncEngine) -> None:
+    """The relay finds three transactions' receipts at once: one DeliveryReceipts carries
+    all three (the events beside them go out as they are), and every row is marked sent."""
+    orders = [uuid.uuid4() for _ in range(3)]
+    for order_id in orders:
+        event = reserved(order_id, 1)
+        await commit(engine, [event, DeliveryReceipt(
+            subscriber="inventory", queue="inventory.order.placed",
+            handled_event_id=str(uuid.uuid4()), handled_event_type="OrderPlaced",
+            outcome="handled", received_at=utcnow(), duration_ms=1.0,
+            correlation_id=str(order_id))])
+    publisher = RecordingPublisher()
+
+    assert await relay_for(engine, publisher, service="inventory").flush_once() == (6, 0)
+    kinds = sorted(type(e).__name__ for e, _ in publisher.published)
+    assert kinds == ["DeliveryReceipts", "StockReserved", "StockReserved", "StockReserved"]
+    batch = next(e for e, _ in publisher.published if isinstance(e, DeliveryReceipts))
+    assert sorted(r.correlation_id or "" for r in batch.receipts) == sorted(map(str, orders))
+    assert (batch.subscriber, batch.queue) == ("inventory", "inventory.order.placed")
+    assert all(row.sent_at is not None for row in (await outbox_rows(engine)).values())
 
 
 async def test_a_row_that_fails_holds_up_only_its_own_order(engine: AsyncEngine) -> None:
