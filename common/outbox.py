@@ -7,6 +7,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -173,6 +174,21 @@ _CLAIMS = {
 }
 
 
+#: Flushes the relay runs at once (each up to `batch` rows, awaiting its confirms).
+_MAX_FLUSHES = 4
+
+
+@dataclass
+class _Batch:
+    """The rows one flush publishes: by key, in commit order; receipts apart."""
+
+    by_key: dict[str, list[Any]] = field(default_factory=dict)
+    receipts: list[Any] = field(default_factory=list)
+    ids: set[int] = field(default_factory=set)
+    #: It took as many rows as a flush may: more may be due behind them.
+    full: bool = False
+
+
 class Relay:
     """Publishes committed outbox rows with confirms; retries each failed row with backoff.
 
@@ -201,35 +217,74 @@ class Relay:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Rows and keys a flush has taken and not finished with.
+        self._in_flight: set[int] = set()
+        self._busy_keys: set[str] = set()
+        self._failed_recently = False
 
     def wake(self) -> None:
         self._idle.clear()
         self._wake.set()
 
     async def run(self) -> None:
+        """Publish rows as they are committed, until cancelled.
+
+        A flush does not wait for the confirms of the one before: up to `_MAX_FLUSHES`
+        run at once, so a row committed while earlier rows await their confirms goes out at
+        once instead of after them. A key (an order) with rows in flight is left to the
+        flush that has them, which keeps its rows in commit order. Under load the flushes
+        in flight are busy and rows gather for the next one: fewer, bigger flushes.
+        """
         last_cleanup = last_gauge = 0.0
         loop = asyncio.get_running_loop()
-        while True:
-            self._wake.clear()
-            try:
-                sent, failed = await self.flush_once()
-            except Exception as exc:  # the database is away: keep going, it holds the rows
-                log.warning("outbox relay could not read its table; retrying", error=str(exc))
-                await self._wait(self._poll_interval)
-                continue
-            if sent >= self._batch and not failed:
-                continue  # a full batch: there may be more behind it
-            if not failed and not self._wake.is_set():
-                # Nothing committed since this flush read the table: all of it is out.
-                self._idle.set()
-            if loop.time() - last_gauge > 5:
-                last_gauge = loop.time()
-                await self._measure_backlog()
-            if loop.time() - last_cleanup > 60:
-                last_cleanup = loop.time()
-                await self.cleanup()
-            await self._wait(self._poll_interval if not failed else min(self._poll_interval,
-                                                                        0.2))
+        flushes: set[asyncio.Task[tuple[int, int]]] = set()
+        try:
+            while True:
+                self._wake.clear()
+                failed = self._failed_recently
+                if len(flushes) < _MAX_FLUSHES:
+                    try:
+                        batch = await self._take_due()
+                    except Exception as exc:  # the database is away: it keeps the rows
+                        log.warning("outbox relay could not read its table; retrying",
+                                    error=str(exc))
+                        await self._wait(self._poll_interval)
+                        continue
+                    if batch is not None:
+                        flush = asyncio.create_task(self._flush(batch))
+                        flushes.add(flush)
+                        flush.add_done_callback(flushes.discard)
+                        flush.add_done_callback(self._flushed)
+                        if batch.full:
+                            continue  # more may be due behind it, for another flush
+                    elif not flushes and not failed and not self._wake.is_set():
+                        # Nothing in flight, nothing due, nothing committed since: all out.
+                        self._idle.set()
+                if loop.time() - last_gauge > 5:
+                    last_gauge = loop.time()
+                    await self._measure_backlog()
+                if loop.time() - last_cleanup > 60:
+                    last_cleanup = loop.time()
+                    await self.cleanup()
+                await self._wait(min(self._poll_interval, 0.2) if failed
+                                 else self._poll_interval)
+        finally:
+            for flush in flushes:
+                flush.cancel()
+
+    def _flushed(self, flush: asyncio.Task[tuple[int, int]]) -> None:
+        """A flush ended: its keys are free again; rows held behind them may go now."""
+        if flush.cancelled():
+            return
+        if (exc := flush.exception()) is not None:
+            # Marking failed (the database is away): the rows stay unsent and go out again
+            # later; consumers dedupe the second copy.
+            log.warning("outbox relay could not record a flush; its rows will be sent again",
+                        error=str(exc) or type(exc).__name__)
+            self._failed_recently = True
+        else:
+            self._failed_recently = flush.result()[1] > 0
+        self.wake()
 
     async def _wait(self, seconds: float) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that arrives
@@ -239,50 +294,71 @@ class Relay:
                 await self._wake.wait()
 
     async def flush_once(self) -> tuple[int, int]:
-        """Publish one batch of due rows; returns (sent, failed).
+        """Publish one batch of due rows and wait for it; returns (sent, failed)."""
+        batch = await self._take_due()
+        return await self._flush(batch) if batch is not None else (0, 0)
+
+    async def _take_due(self) -> _Batch | None:
+        """Claim (in memory) the due rows of keys no flush has in flight.
 
         One query reads the oldest unsent rows, due or not: a row still waiting out its
         backoff holds back the rows of its key behind it, and only those.
         """
         now = utcnow()
+        limit = self._batch + len(self._in_flight)
         async with self._engine.connect() as conn:
             if self._instance is None:
-                rows = (await conn.execute(_UNSENT_ALL, {"limit": self._batch})).all()
+                rows = (await conn.execute(_UNSENT_ALL, {"limit": limit})).all()
             else:
                 rows = (await conn.execute(_UNSENT_MINE_OR_ORPHANED, {
-                    "limit": self._batch, "instance": self._instance,
+                    "limit": limit, "instance": self._instance,
                     "orphaned_before": now - self._orphan_after})).all()
-        if not rows:
-            return 0, 0
-        by_key: dict[str, list[Any]] = {}
-        receipts: list[Any] = []
-        held: set[str] = set()
+        batch = _Batch()
+        held = set(self._busy_keys)
+        taken = 0
         for row in rows:
-            if row.partition_key in held:
+            if row.id in self._in_flight or row.partition_key in held:
                 continue
             if row.next_attempt_at is not None and row.next_attempt_at > now:
                 held.add(row.partition_key)
                 continue
+            if taken >= self._batch:
+                break
+            taken += 1
             if row.event_type in _RECEIPT_TYPES:
-                receipts.append(row)  # no order to keep: the tracker takes them in any order
+                batch.receipts.append(row)  # no order to keep: the tracker takes any order
             else:
-                by_key.setdefault(row.partition_key, []).append(row)
-        if not by_key and not receipts:
-            return 0, 0
-        outcomes = await asyncio.gather(*(self._publish_in_order(k) for k in by_key.values()),
-                                        self._publish_receipts(receipts))
-        sent_ids = [i for ids, _ in outcomes for i in ids]
-        failures = [f for _, fs in outcomes for f in fs]
-        async with self._write_lock, self._engine.begin() as conn:
-            if sent_ids:
-                await conn.execute(_MARK_SENT, {"ids": sent_ids, "now": utcnow()})
-            if failures:
-                await conn.execute(_MARK_FAILED, [{
-                    "row_id": row.id, "attempts": row.attempts + 1,
-                    "error": f"{type(exc).__name__}: {exc}"[:2000],
-                    "retry_at": utcnow() + timedelta(
-                        seconds=min(0.2 * 2 ** row.attempts, self._max_backoff)),
-                } for row, exc in failures])
+                batch.by_key.setdefault(row.partition_key, []).append(row)
+        if not taken:
+            return None
+        batch.full = taken >= self._batch
+        batch.ids = {row.id for rows in batch.by_key.values() for row in rows}
+        batch.ids.update(row.id for row in batch.receipts)
+        self._in_flight |= batch.ids
+        self._busy_keys |= batch.by_key.keys()
+        return batch
+
+    async def _flush(self, batch: _Batch) -> tuple[int, int]:
+        """Publish a batch, then mark its rows sent (or failed, with a backoff)."""
+        try:
+            outcomes = await asyncio.gather(
+                *(self._publish_in_order(k) for k in batch.by_key.values()),
+                self._publish_receipts(batch.receipts))
+            sent_ids = [i for ids, _ in outcomes for i in ids]
+            failures = [f for _, fs in outcomes for f in fs]
+            async with self._write_lock, self._engine.begin() as conn:
+                if sent_ids:
+                    await conn.execute(_MARK_SENT, {"ids": sent_ids, "now": utcnow()})
+                if failures:
+                    await conn.execute(_MARK_FAILED, [{
+                        "row_id": row.id, "attempts": row.attempts + 1,
+                        "error": f"{type(exc).__name__}: {exc}"[:2000],
+                        "retry_at": utcnow() + timedelta(
+                            seconds=min(0.2 * 2 ** row.attempts, self._max_backoff)),
+                    } for row, exc in failures])
+        finally:
+            self._in_flight -= batch.ids
+            self._busy_keys -= batch.by_key.keys()
         if failures:
             row, exc = failures[0]
             log.warning("outbox relay could not publish; will retry", failed=len(failures),

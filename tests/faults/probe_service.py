@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import sqlalchemy as sa
+from aio_pika.abc import AbstractIncomingMessage
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -151,10 +152,23 @@ class ProbeRunner(ServiceRunner[ProbeStore]):
                       handler: Handler[ProbeStore], received_at: datetime,
                       started: float) -> bool:
         duplicate = await super()._handle(sub, event, handler, received_at, started)
-        if (isinstance(event, OrderPlaced) and event.customer_id == KILL_AFTER_COMMIT
-                and first_time(self.settings, KILL_AFTER_COMMIT, event)):
-            die("after commit, before ack")
+        self._die_if_victim([event])
         return duplicate
+
+    async def _handle_batch(self, sub: Subscription[ProbeStore],
+                            decoded: Sequence[tuple[AbstractIncomingMessage, Event,
+                                                    Handler[ProbeStore]]],
+                            received_at: datetime, started: float) -> list[str]:
+        # The victim may come with others (a batch): die after the batch's commit.
+        outcomes = await super()._handle_batch(sub, decoded, received_at, started)
+        self._die_if_victim([event for _, event, _ in decoded])
+        return outcomes
+
+    def _die_if_victim(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if (isinstance(event, OrderPlaced) and event.customer_id == KILL_AFTER_COMMIT
+                    and first_time(self.settings, KILL_AFTER_COMMIT, event)):
+                die("after commit, before ack")
 
 
 def spec_for(settings: ProbeSettings) -> ServiceSpec[ProbeStore]:
