@@ -9,13 +9,13 @@ import json
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Generic
 
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from common.broker import Publisher, connect, instance_name
 from common.db import create_tables, is_sqlite, make_engine
 from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAnnounced
-from common.logging import get_logger
+from common.logging import delivery_context, get_logger
 from common.outbox import (
     Relay,
     add_to_outbox,
@@ -380,9 +380,15 @@ class ServiceRunner(Generic[StoreT]):
             return
         await _ack_all([m for m, _, _ in decoded])
         elapsed = time.perf_counter() - started
-        for (_message, event, _handler), outcome in zip(decoded, outcomes, strict=True):
-            DELIVERIES.labels(self.spec.name, sub.queue, event.event_type, outcome).inc()
-            HANDLER_SECONDS.labels(self.spec.name, event.event_type).observe(elapsed)
+        counts = Counter((event.event_type, outcome)
+                         for (_message, event, _handler), outcome in zip(decoded, outcomes,
+                                                                         strict=True))
+        for (event_type, outcome), count in counts.items():
+            DELIVERIES.labels(self.spec.name, sub.queue, event_type, outcome).inc(count)
+            # Each delivery of the batch waited for all of it: one observation each.
+            seconds = HANDLER_SECONDS.labels(self.spec.name, event_type)
+            for _ in range(count):
+                seconds.observe(elapsed)
         log.debug("batch handled", queue=sub.queue, size=len(decoded),
                   duration_ms=round(elapsed * 1000, 2))
 
@@ -415,7 +421,7 @@ class ServiceRunner(Generic[StoreT]):
                 with (process_span(sub.queue, message.message_id, message.type,
                                    self.spec.name, message.headers)
                       if tracing else contextlib.nullcontext()), \
-                        structlog.contextvars.bound_contextvars(
+                        delivery_context(
                             event_id=event_id, event_type=event.event_type,
                             correlation_id=event.correlation_id, order_id=event.order_key):
                     out = [e.caused(event, self.spec.name)
@@ -454,12 +460,12 @@ class ServiceRunner(Generic[StoreT]):
         try:
             event, handler = decode(message, sub.handlers)
         except PoisonMessageError as exc:
-            with structlog.contextvars.bound_contextvars(
+            with delivery_context(
                     event_id=message.message_id, event_type=message.type,
                     correlation_id=message.correlation_id, order_id=message.correlation_id):
                 return await self._fail(sub, message, reason="poison", error=exc, retry=False,
                                         received_at=received_at, started=started)
-        with structlog.contextvars.bound_contextvars(
+        with delivery_context(
                 event_id=str(event.event_id), event_type=event.event_type,
                 correlation_id=event.correlation_id, order_id=event.order_key):
             try:
