@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import NullPool, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 PROBE_TIMEOUT = 5.0  # seconds for one connection attempt while looking for PostgreSQL
@@ -94,3 +94,17 @@ async def postgres_schema(base_url: str) -> AsyncIterator[str]:
                 await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     finally:
         await admin.dispose()
+
+
+async def backend_pid(conn: AsyncConnection) -> int:
+    """The PostgreSQL backend serving `conn`, to see who waits for it."""
+    return int(await conn.scalar(text("SELECT pg_backend_pid()")) or 0)
+
+
+async def someone_waits_for(engine: AsyncEngine, pid: int) -> bool:
+    """Whether another PostgreSQL backend is blocked by backend `pid` (a row lock, a key)."""
+    async with engine.connect() as probe:
+        blocked = await probe.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+            {"pid": pid})
+    return bool(blocked)

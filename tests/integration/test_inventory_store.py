@@ -25,6 +25,7 @@ from inventory_service.store import (
 )
 from tests.factories import make_line, make_order
 from tests.integration.support import wait_for
+from tests.storage import backend_pid, someone_waits_for
 
 pytestmark = pytest.mark.integration
 
@@ -197,17 +198,10 @@ async def test_levels_locks_the_rows_so_a_concurrent_order_waits_its_turn(
 
     async with engine.connect() as mine:
         assert await StockStore(mine).levels(["A"]) == {"A": 5}  # rows locked from here
-        pid = await mine.scalar(sa.text("SELECT pg_backend_pid()"))
+        pid = await backend_pid(mine)
         waiting = asyncio.create_task(other_order())
-
-        async def blocked_by_us() -> bool:
-            async with engine.connect() as probe:
-                blockers = await probe.scalar(sa.text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE :pid = ANY(pg_blocking_pids(pid))"), {"pid": pid})
-            return bool(blockers)
-
-        await wait_for(blocked_by_us, what="the other order to wait for our row lock")
+        await wait_for(lambda: someone_waits_for(engine, pid),
+                       what="the other order to wait for our row lock")
         assert not waiting.done()
         await StockStore(mine).reserve(uuid.uuid4(), [ReservedLine(sku="A", quantity=3)])
         await mine.commit()

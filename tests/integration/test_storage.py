@@ -37,6 +37,7 @@ from common.outbox import (
     utcnow,
 )
 from tests.integration.support import wait_for
+from tests.storage import backend_pid, someone_waits_for
 
 pytestmark = pytest.mark.integration
 
@@ -242,17 +243,10 @@ async def test_two_replicas_recording_one_event_at_once_let_one_win(
 
     async with engine.connect() as first:
         await remember(first, QUEUE, event_id)
-        pid = await first.scalar(sa.text("SELECT pg_backend_pid()"))
+        pid = await backend_pid(first)
         racing = asyncio.create_task(second_replica())
-
-        async def blocked_by_first() -> bool:
-            async with engine.connect() as probe:
-                blocked = await probe.scalar(sa.text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE :pid = ANY(pg_blocking_pids(pid))"), {"pid": pid})
-            return bool(blocked)
-
-        await wait_for(blocked_by_first, what="the second insert to wait for the first")
+        await wait_for(lambda: someone_waits_for(engine, pid),
+                       what="the second insert to wait for the first")
         await first.commit()
     with pytest.raises(IntegrityError):
         await racing
@@ -289,17 +283,10 @@ async def test_a_replica_claiming_an_event_another_holds_waits_then_sees_a_dupli
 
     async with engine.connect() as first:
         assert await claim(first, QUEUE, [event_id]) == {event_id}
-        pid = await first.scalar(sa.text("SELECT pg_backend_pid()"))
+        pid = await backend_pid(first)
         racing = asyncio.create_task(second_replica())
-
-        async def blocked_by_first() -> bool:
-            async with engine.connect() as probe:
-                blocked = await probe.scalar(sa.text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE :pid = ANY(pg_blocking_pids(pid))"), {"pid": pid})
-            return bool(blocked)
-
-        await wait_for(blocked_by_first, what="the second claim to wait for the first")
+        await wait_for(lambda: someone_waits_for(engine, pid),
+                       what="the second claim to wait for the first")
         await first.commit()
     assert await racing == {other}
 

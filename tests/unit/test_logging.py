@@ -32,4 +32,5 @@ def test_lines_inside_a_delivery_carry_its_ids_and_lines_after_it_do_not(
     assert inside["order_id"] == "explicit wins"
     assert inside["service"] == ServiceSettings.service_name
     assert outside["event"] == "outside"
-    assert "event_id" not in outside and "order_id" not in outside
+    assert "event_id" not in outside
+    assert "order_id" not in outside
