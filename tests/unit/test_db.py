@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event, text
 
 from common.db import PG_POOL_SIZE, is_sqlite, make_engine
 
@@ -46,3 +49,34 @@ async def test_an_sqlite_url_is_unchanged_and_its_folder_created(tmp_path: Path)
         assert (tmp_path / "nested").is_dir()
     finally:
         await engine.dispose()
+
+
+async def test_sqlite_statements_run_on_the_event_loops_thread(tmp_path: Path) -> None:
+    """The service engine runs SQLite inline (no aiosqlite thread hop per call); the one-off
+    engine of CLI commands keeps aiosqlite's thread. Guards the aiosqlite internals the
+    inline connection relies on."""
+    for inline, on_loop in ((True, True), (False, False)):
+        threads = await _threads_running_statements(tmp_path / f"{inline}.db", inline)
+        assert threads, "the statement did not run"
+        assert (threads[0] == threading.get_ident()) is on_loop
+
+
+async def _threads_running_statements(path: Path, inline: bool) -> list[int]:
+    engine = make_engine(f"sqlite+aiosqlite:///{path}", inline=inline)
+    threads: list[int] = []
+
+    def thread_of() -> int:
+        threads.append(threading.get_ident())
+        return 0
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _register(dbapi_conn: Any, _record: Any) -> None:
+        # A SQL function that says which thread runs the statement calling it.
+        dbapi_conn.driver_connection._conn.create_function("thread_of", 0, thread_of)
+
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("SELECT thread_of()"))
+    finally:
+        await engine.dispose()
+    return threads
