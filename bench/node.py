@@ -47,7 +47,7 @@ def why_no_node() -> str | None:
 
 
 @dataclass
-class Node:
+class NodeAddress:
     """NAME@localhost, AMQP on `port`, management on port + 10000."""
 
     name: str
@@ -65,25 +65,40 @@ class Node:
     def management_url(self) -> str:
         return f"http://guest:guest@127.0.0.1:{self.port + 10000}/"
 
+
+def start_node(address: NodeAddress) -> None:
+    """Start the node with scripts/rabbitmq-node (blocking until it answers)."""
+    result = subprocess.run([str(NODE_SCRIPT), "start", address.name, str(address.port)],
+                            capture_output=True, text=True, timeout=180, check=False)
+    if result.returncode != 0:
+        raise NodeError(f"scripts/rabbitmq-node start {address.name} {address.port} failed "
+                        f"(exit {result.returncode}):\n{result.stderr}{result.stdout}")
+
+
+def destroy_node(address: NodeAddress) -> None:
+    """Stop the node and delete its folder (whatever state it is in)."""
+    subprocess.run([str(NODE_SCRIPT), "stop", address.name], capture_output=True, text=True,
+                   timeout=180, check=False)
+
+
+def rabbitmqctl(address: NodeAddress, *args: str, timeout: float = 120) -> str:
+    result = subprocess.run(["rabbitmqctl", "-q", "-n", address.node, *args],
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise NodeError(f"rabbitmqctl -n {address.node} {' '.join(args)} failed "
+                        f"(exit {result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
+@dataclass
+class Node(NodeAddress):
+    """The benchmark's throwaway node, driven from its event loop."""
+
     async def start(self) -> None:
-        result = await asyncio.to_thread(
-            subprocess.run, [str(NODE_SCRIPT), "start", self.name, str(self.port)],
-            capture_output=True, text=True, timeout=180, check=False)
-        if result.returncode != 0:
-            raise NodeError(f"scripts/rabbitmq-node start {self.name} {self.port} failed "
-                            f"(exit {result.returncode}):\n{result.stderr}{result.stdout}")
+        await asyncio.to_thread(start_node, self)
 
     async def destroy(self) -> None:
-        """Stop the node and delete its folder (whatever state it is in)."""
-        await asyncio.to_thread(
-            subprocess.run, [str(NODE_SCRIPT), "stop", self.name], capture_output=True,
-            text=True, timeout=180, check=False)
+        await asyncio.to_thread(destroy_node, self)
 
     async def ctl(self, *args: str, timeout: float = 120) -> str:
-        result = await asyncio.to_thread(
-            subprocess.run, ["rabbitmqctl", "-q", "-n", self.node, *args],
-            capture_output=True, text=True, timeout=timeout, check=False)
-        if result.returncode != 0:
-            raise NodeError(f"rabbitmqctl -n {self.node} {' '.join(args)} failed "
-                            f"(exit {result.returncode}): {result.stderr.strip()}")
-        return result.stdout
+        return await asyncio.to_thread(rabbitmqctl, self, *args, timeout=timeout)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.node import NodeError
 from common.observe import sweep_prefix
 from tests.faults.support import (
     STOP_TIMEOUT,
     Ledger,
     LedgerLine,
     Node,
-    NodeError,
     Report,
     Shop,
     node_port,

@@ -32,6 +32,7 @@ from urllib.parse import quote
 import aio_pika
 import httpx
 
+from bench.node import NodeAddress, NodeError, destroy_node, rabbitmqctl, start_node
 from common.db import create_tables, make_engine
 from common.outbox import kit_metadata
 from inventory_service.store import StockStore
@@ -40,7 +41,6 @@ from inventory_service.store import metadata as inventory_metadata
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_SCRIPT = ROOT / "scripts" / "rabbitmq-node"
 SUBSCRIBERS = ("inventory", "logistics", "seller")
 SERVICES = ("order", *SUBSCRIBERS)
 #: The services and the probe: a subscriber whose effects have no unique key, so that a
@@ -61,10 +61,6 @@ STOCK = 10_000_000  # far more than any test orders: every reservation succeeds
 STOP_TIMEOUT = 15.0
 #: The node's memory watermark as scripts/rabbitmq-node configures it, restored after alarms.
 DEFAULT_WATERMARK = 0.4
-
-
-class NodeError(RuntimeError):
-    """rabbitmqctl failed on the throwaway node."""
 
 
 def free_port() -> int:
@@ -122,26 +118,12 @@ async def wait_until(condition: Callable[[], T | None], *, timeout: float, what:
 
 
 @dataclass
-class Node:
+class Node(NodeAddress):
     """The throwaway RabbitMQ node and the faults the tests inflict on it."""
 
-    name: str
-    port: int
     #: Set while the test has the app stopped or the watermark lowered: restore() undoes it.
     app_stopped: bool = False
     watermark_lowered: bool = False
-
-    @property
-    def node(self) -> str:
-        return f"{self.name}@localhost"
-
-    @property
-    def amqp_url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://guest:guest@127.0.0.1:{self.port + 10000}/"
 
     @property
     def api(self) -> str:
@@ -150,25 +132,15 @@ class Node:
     # --- lifecycle (scripts/rabbitmq-node) ---
 
     def start(self) -> None:
-        result = subprocess.run([str(NODE_SCRIPT), "start", self.name, str(self.port)],
-                                capture_output=True, text=True, timeout=180, check=False)
-        if result.returncode != 0:
-            raise NodeError(f"scripts/rabbitmq-node start {self.name} {self.port} failed "
-                            f"(exit {result.returncode}):\n{result.stderr}{result.stdout}")
+        start_node(self)
 
     def destroy(self) -> None:
-        subprocess.run([str(NODE_SCRIPT), "stop", self.name], capture_output=True, text=True,
-                       timeout=180, check=False)
+        destroy_node(self)
 
     # --- faults (rabbitmqctl -n NODE ...) ---
 
     def ctl(self, *args: str, timeout: float = 120) -> str:
-        result = subprocess.run(["rabbitmqctl", "-q", "-n", self.node, *args],
-                                capture_output=True, text=True, timeout=timeout, check=False)
-        if result.returncode != 0:
-            raise NodeError(f"rabbitmqctl -n {self.node} {' '.join(args)} failed "
-                            f"(exit {result.returncode}): {result.stderr.strip()}")
-        return result.stdout
+        return rabbitmqctl(self, *args, timeout=timeout)
 
     async def actl(self, *args: str) -> str:
         return await asyncio.to_thread(self.ctl, *args)
