@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from common.broker import message_for
 from common.db import create_tables, make_engine
-from common.events import Address, OrderLine, OrderPlaced
+from common.events import Address, OrderLine, OrderPlaced, new_id
 from common.outbox import kit_metadata
 from inventory_service.store import StockStore
 from inventory_service.store import metadata as inventory_metadata
@@ -56,8 +55,8 @@ _TEMPLATE = place_order(new_order())
 
 def order_placed() -> OrderPlaced:
     """A fresh OrderPlaced (new event and order ids) as the order service publishes it."""
-    order_id = uuid.uuid4()
-    return _TEMPLATE.model_copy(update={"event_id": uuid.uuid4(), "order_id": order_id,
+    order_id = new_id()
+    return _TEMPLATE.model_copy(update={"event_id": new_id(), "order_id": order_id,
                                         "correlation_id": str(order_id)})
 
 

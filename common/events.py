@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -28,6 +29,24 @@ CURRENCIES = frozenset(
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+if sys.version_info >= (3, 14):
+    from uuid import uuid7
+else:
+    from uuid6 import uuid7
+
+
+def new_id() -> uuid.UUID:
+    """A new id for an event or an order: a time-ordered UUID (version 7, RFC 9562).
+
+    Every table keyed or indexed by these ids (orders, the inbox, the outbox, receipts) then
+    takes new rows at the end of its index instead of on a random page: the pages being
+    written stay in the database's cache however many rows the tables hold, where random
+    (version 4) ids make each insert read and rewrite a page from anywhere in the file.
+    MassTransit's NewId and NServiceBus's COMB ids are the same idea.
+    """
+    return uuid7()
 
 
 def _upper(value: str) -> str:
@@ -106,7 +125,7 @@ class Event(BaseModel):
     #: The exchange name (before any prefix): one durable fanout exchange per event type.
     routing: ClassVar[str]
 
-    event_id: uuid.UUID = Field(default_factory=uuid.uuid4,
+    event_id: uuid.UUID = Field(default_factory=new_id,
                                 description="Unique id of this event; consumers dedupe on it.")
     event_type: str = Field(description="The event's name, past tense.",
                             examples=["OrderPlaced"])

@@ -12,7 +12,15 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from common.events import CURRENCIES, Address, Currency, Money, OrderLine, OrderPlaced
+from common.events import (
+    CURRENCIES,
+    Address,
+    Currency,
+    Money,
+    OrderLine,
+    OrderPlaced,
+    new_id,
+)
 
 SERVICE_NAME = "order"
 
@@ -66,7 +74,7 @@ def lines_total(lines: Iterable[OrderLine]) -> Decimal:
 def place_order(order: NewOrder, *, order_id: uuid.UUID | None = None,
                 now: datetime | None = None) -> OrderPlaced:
     """The `OrderPlaced` event for a validated order; the order id starts its flow."""
-    order_id = order_id or uuid.uuid4()
+    order_id = order_id or new_id()
     fields: dict[str, Any] = {
         "order_id": order_id,
         "correlation_id": str(order_id),
