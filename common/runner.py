@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from common.allocator import return_freed_memory
 from common.broker import Publisher, connect, instance_name
 from common.db import create_tables, is_sqlite, make_engine
 from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAnnounced
@@ -737,6 +738,7 @@ async def run_service(spec: ServiceSpec[StoreT], settings: ServiceSettings,
                       extra: Callable[[Runtime[StoreT]], Coroutine[Any, Any, None]] | None = None
                       ) -> None:
     """Run a service until SIGINT or SIGTERM, then stop it cleanly."""
+    return_freed_memory()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
