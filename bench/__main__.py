@@ -41,8 +41,8 @@ SYSTEM_CASES = {"direct", "http", "latency"}
 SMOKE = {
     "rounds": 1, "fanout_orders": 200, "consume_messages": 300, "system_orders": 40,
     "loads": (10.0, 20.0, 40.0), "load_seconds": 1.0, "warmup_orders": 10,
-    "growth_orders": 100, "growth_batch": 30, "outage_seconds": 1.0, "outage_rate": 10.0,
-    "backlog_orders": 30, "timeout": 120.0,
+    "growth_orders": 100, "growth_batch": 30, "growth_pairs": 1, "outage_seconds": 1.0,
+    "outage_rate": 10.0, "backlog_orders": 30, "timeout": 120.0,
 }
 
 
@@ -81,6 +81,9 @@ def parse(argv: Sequence[str] | None) -> tuple[Params, argparse.Namespace]:
                         help=f"orders between growth's two measurements "
                              f"(default {defaults.growth_orders:,})")
     parser.add_argument("--growth-batch", type=int, help="orders of each growth measurement")
+    parser.add_argument("--growth-pairs", type=int,
+                        help=f"growth's alternating batches on a fresh and the grown system "
+                             f"(default {defaults.growth_pairs})")
     parser.add_argument("--backlog-orders", type=int,
                         help=f"case 7 backlog (default {defaults.backlog_orders})")
     parser.add_argument("--amqp-url", default=os.environ.get(
@@ -102,7 +105,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Params, argparse.Namespace]:
     overrides: dict[str, Any] = dict(SMOKE) if args.smoke else {}
     for name in ("rounds", "fanout_orders", "consume_messages", "system_orders", "window",
                  "prefetch", "http_concurrency", "direct_concurrency", "load_seconds",
-                 "growth_orders", "growth_batch", "backlog_orders"):
+                 "growth_orders", "growth_batch", "growth_pairs", "backlog_orders"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

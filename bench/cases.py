@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -62,6 +63,8 @@ class Params:
     warmup_orders: int = 300
     growth_orders: int = 100_000
     growth_batch: int = 2_000
+    #: Alternating batches on a fresh system and the grown one, for the throughput ratio.
+    growth_pairs: int = 3
     outage_seconds: float = 3.0
     outage_rate: float = 20.0
     backlog_orders: int = 2_000
@@ -446,9 +449,15 @@ async def warm_up(ctx: Context, system: System, count: int) -> None:
 
 async def growth(ctx: Context) -> Figures:
     """Throughput (HTTP, concurrent clients) and each service's memory on a fresh system,
-    then again after `growth_orders` more orders: the outbox, inbox and receipts grow."""
+    then again after `growth_orders` more orders: the outbox, inbox and receipts grow.
+
+    Memory is compared within the grown system, start to end. Throughput is compared with a
+    second, fresh system measured in alternation with the grown one at the end: the speed of
+    this machine's shared cores drifts by a third over the minutes a fill takes, which a
+    start-to-end ratio would read as growth (or as a speed-up)."""
     p = ctx.params
     system = System(p.amqp_url, p.management_url, ctx.tmp / "growth", "growth")
+    fresh = System(p.amqp_url, p.management_url, ctx.tmp / "fresh", "fresh")
     try:
         await start_system(ctx, system)
         await warm_up(ctx, system, p.warmup_orders)
@@ -456,52 +465,86 @@ async def growth(ctx: Context) -> Figures:
         start_rows, start_sizes = system.table_rows(), system.db_sizes()
         ctx.say(f"growth: start {start['orders_per_s']:.0f} orders/s; placing "
                 f"{p.growth_orders:,} orders")
-        chunk = max(1, min(10_000, p.growth_orders // 10 or 1))
-        left = p.growth_orders
-        fill_rates: list[float] = []
-        fill_mark = await asyncio.to_thread(system.mark)
-        filled = 0
-        while left > 0:
-            size = min(chunk, left)
-            mark = await asyncio.to_thread(system.mark)
-            placement = await system.place_http(size, p.http_concurrency)
-            filled += len(placement.placed)
-            await system.effects_done(mark, len(placement.placed),
-                                      timeout=ctx.deadline(len(placement.placed)))
-            effects = await asyncio.to_thread(system.effects, mark)
-            fill_rates.append(round(len(placement.placed)
-                                    / (effects.last() - placement.started), 1))
-            left -= size
-            ctx.say(f"growth: {p.growth_orders - left:,}/{p.growth_orders:,} placed, "
-                    f"last chunk {fill_rates[-1]:.0f} orders/s")
-        # The order service's part of the flow (receipts, outcomes) may lag the subscribers':
-        # let it catch up, so the second measurement starts from a quiet system too.
-        await system.flow_done(fill_mark, filled, timeout=ctx.deadline(filled))
+        fill_rates = await _fill(ctx, system)
         end = await measure_batch(ctx, system, "http", p.growth_batch)
         rss_ratio = {name: round(end["rss_mb"][name] / start["rss_mb"][name], 3)
                      for name in end["rss_mb"] if start["rss_mb"].get(name)}
+        await start_system(ctx, fresh)
+        await warm_up(ctx, fresh, p.warmup_orders)
+        pairs: list[dict[str, Figures]] = []
+        for _ in range(p.growth_pairs):
+            pairs.append({"fresh": await measure_batch(ctx, fresh, "http", p.growth_batch),
+                          "grown": await measure_batch(ctx, system, "http", p.growth_batch)})
+            ctx.say(f"growth: fresh {pairs[-1]['fresh']['orders_per_s']:.0f}, grown "
+                    f"{pairs[-1]['grown']['orders_per_s']:.0f} orders/s")
+        fresh_rate = statistics.median(pair["fresh"]["orders_per_s"] for pair in pairs)
+        grown_rate = statistics.median(pair["grown"]["orders_per_s"] for pair in pairs)
+        fresh_cpu = statistics.median(pair["fresh"]["system_cpu_s_per_1000"] for pair in pairs)
+        grown_cpu = statistics.median(pair["grown"]["system_cpu_s_per_1000"] for pair in pairs)
         return {
+            "throughput_ratio": grown_rate / fresh_rate,
+            "fresh_orders_per_s": fresh_rate,
+            "grown_orders_per_s": grown_rate,
+            "cpu_ratio": grown_cpu / fresh_cpu,
+            "fresh_system_cpu_s_per_1000": fresh_cpu,
+            "grown_system_cpu_s_per_1000": grown_cpu,
+            "pairs_orders_per_s": [[round(pair["fresh"]["orders_per_s"], 1),
+                                    round(pair["grown"]["orders_per_s"], 1)] for pair in pairs],
+            "fresh_cpu_s_per_1000": {name: statistics.median(
+                pair["fresh"]["cpu_s_per_1000"][name] for pair in pairs)
+                for name in pairs[0]["fresh"]["cpu_s_per_1000"]},
+            "grown_cpu_s_per_1000": {name: statistics.median(
+                pair["grown"]["cpu_s_per_1000"][name] for pair in pairs)
+                for name in pairs[0]["grown"]["cpu_s_per_1000"]},
             "start_orders_per_s": start["orders_per_s"],
             "end_orders_per_s": end["orders_per_s"],
-            "throughput_ratio": end["orders_per_s"] / start["orders_per_s"],
+            "start_end_ratio": end["orders_per_s"] / start["orders_per_s"],
             "start_rss_mb": start["rss_mb"],
             "end_rss_mb": end["rss_mb"],
             "rss_ratio": rss_ratio,
             "worst_rss_ratio": max(rss_ratio.values()) if rss_ratio else None,
-            "start_system_cpu_s_per_1000": start["system_cpu_s_per_1000"],
-            "end_system_cpu_s_per_1000": end["system_cpu_s_per_1000"],
             "fill_orders_per_s": fill_rates,
             "rows_start": start_rows,
             "rows_end": system.table_rows(),
             "db_bytes_start": start_sizes,
             "db_bytes_end": system.db_sizes(),
-            "lost": start["lost"] + end["lost"],
+            "lost": start["lost"] + end["lost"] + sum(
+                pair[which]["lost"] for pair in pairs for which in ("fresh", "grown")),
             "growth_orders": p.growth_orders,
             "batch_orders": p.growth_batch,
         }
     finally:
+        await ctx.shut_down(fresh, "growth (fresh)")
         await ctx.shut_down(system, "growth")
+        await fresh.delete_names()
         await system.delete_names()
+
+
+async def _fill(ctx: Context, system: System) -> list[float]:
+    """Place `growth_orders` orders in chunks; orders/s of each chunk until the effects."""
+    p = ctx.params
+    chunk = max(1, min(10_000, p.growth_orders // 10 or 1))
+    left = p.growth_orders
+    fill_rates: list[float] = []
+    fill_mark = await asyncio.to_thread(system.mark)
+    filled = 0
+    while left > 0:
+        size = min(chunk, left)
+        mark = await asyncio.to_thread(system.mark)
+        placement = await system.place_http(size, p.http_concurrency)
+        filled += len(placement.placed)
+        await system.effects_done(mark, len(placement.placed),
+                                  timeout=ctx.deadline(len(placement.placed)))
+        effects = await asyncio.to_thread(system.effects, mark)
+        fill_rates.append(round(len(placement.placed)
+                                / (effects.last() - placement.started), 1))
+        left -= size
+        ctx.say(f"growth: {p.growth_orders - left:,}/{p.growth_orders:,} placed, "
+                f"last chunk {fill_rates[-1]:.0f} orders/s")
+    # The order service's part of the flow (receipts, outcomes) may lag the subscribers':
+    # let it catch up, so the second measurement starts from a quiet system too.
+    await system.flow_done(fill_mark, filled, timeout=ctx.deadline(filled))
+    return fill_rates
 
 
 # --- 7. recovery ------------------------------------------------------------------------

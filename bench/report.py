@@ -208,9 +208,17 @@ def render(console: Console, result: Mapping[str, Any]) -> None:
     once.add_column("value", justify="right")
     growth = next(iter(rounds.get("growth", ())), None)
     if growth:
-        once.add_row(f"growth: orders/s at start / after {growth['growth_orders']:,} orders",
-                     f"{growth['start_orders_per_s']:,.0f} / {growth['end_orders_per_s']:,.0f}"
+        once.add_row(f"growth: orders/s, fresh system / after {growth['growth_orders']:,} "
+                     f"orders (medians of {len(growth['pairs_orders_per_s'])} alternating)",
+                     f"{growth['fresh_orders_per_s']:,.0f} / {growth['grown_orders_per_s']:,.0f}"
                      f" = {growth['throughput_ratio']:.2f}")
+        once.add_row("growth: system CPU s per 1,000 orders, fresh / grown",
+                     f"{growth['fresh_system_cpu_s_per_1000']:.1f} / "
+                     f"{growth['grown_system_cpu_s_per_1000']:.1f}"
+                     f" = {growth['cpu_ratio']:.2f}")
+        once.add_row("growth: orders/s, same system at start / end (machine drift included)",
+                     f"{growth['start_orders_per_s']:,.0f} / {growth['end_orders_per_s']:,.0f}"
+                     f" = {growth['start_end_ratio']:.2f}")
         for name, ratio in growth["rss_ratio"].items():
             once.add_row(f"growth: RSS of {name}, MB at start / end",
                          f"{growth['start_rss_mb'][name]:.0f} / "
