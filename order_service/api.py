@@ -13,14 +13,15 @@ from typing import Annotated, Generic, Protocol, TypeVar
 
 import uvicorn
 from aio_pika.abc import AbstractConnection
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import FastAPI, Header, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.events import Event
+from common.events import Event, OrderPlaced
 from common.observe import (
     Announced,
     SystemReport,
@@ -40,6 +41,7 @@ from order_service.domain import (
     OrderView,
     Subscriber,
     place_order,
+    same_order,
 )
 from order_service.settings import OrderSettings
 from order_service.store import OrderStore
@@ -70,6 +72,13 @@ class OrderRuntime(Protocol):
     async def db_ok(self) -> bool: ...
 
 
+#: A client's key for one order: the same key again is a retry of that order, not a new one.
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=128,
+    description="Any string unique per order of a customer (a UUID, say); a request sent "
+                "again with it places the order once.")]
+
+
 class OrderAccepted(BaseModel):
     """The answer to `POST /orders`: the order is stored and its event is on its way."""
 
@@ -78,7 +87,8 @@ class OrderAccepted(BaseModel):
     order_id: uuid.UUID = Field(description="The new order's id.")
     status_url: str = Field(description="Where to read the order's status.",
                             examples=["/orders/5b0c7f9e-3f7a-4e34-9a57-0d8c1c6b2f10"])
-    state: OrderState = Field(description="The order's state now: accepted.")
+    state: OrderState = Field(description="The order's state now: accepted (a replay under "
+                                          "an Idempotency-Key: wherever the order is now).")
     publication: str = Field(
         description="Where its OrderPlaced is: always pending publication from the outbox "
                     "at this point; the status URL shows when subscribers answer.",
@@ -206,21 +216,56 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         return index_page()
 
     @app.post("/orders", status_code=202, response_model=OrderAccepted,
-              responses={413: {"model": Problem, "description": "Body too large."}},
+              responses={413: {"model": Problem, "description": "Body too large."},
+                         409: {"model": Problem, "description": "Idempotency-Key already "
+                                                                "used for another order."}},
               summary="Place an order")
-    async def post_order(order: NewOrder, response: Response) -> OrderAccepted:
-        """Validate and store the order; its `OrderPlaced` is published from the outbox."""
+    async def post_order(order: NewOrder, response: Response,
+                         idempotency_key: IdempotencyKey = None) -> OrderAccepted:
+        """Validate and store the order; its `OrderPlaced` is published from the outbox.
+
+        With an `Idempotency-Key`, sending the same order again (a retry after a lost
+        answer) places it once: the answer is the first one's, marked `Idempotent-Replayed:
+        true`. The key is the customer's: another order of theirs with it is refused (409).
+        """
         rt = need()
         event = place_order(order)
+        earlier: list[tuple[OrderPlaced, OrderState]] = []
 
         async def work(conn: AsyncConnection) -> list[Event]:
-            await OrderStore(conn).add_order(event)
+            store = OrderStore(conn)
+            if idempotency_key is not None:
+                found = await store.order_for_key(event.customer_id, idempotency_key)
+                if found is not None:
+                    earlier.append(found)
+                    return []
+            await store.add_order(event, idempotency_key)
             return [event]
 
         # The order's trace starts here; the outbox keeps its context for the publish.
         with tracer.start_as_current_span("place order", attributes={
                 "shop.service": "order", "shop.order_id": str(event.order_id)}):
-            await rt.execute(work)
+            try:
+                await rt.execute(work)
+            except IntegrityError:
+                # Another replica stored an order with this key between our read and write.
+                if idempotency_key is None:
+                    raise
+                async with rt.engine.connect() as conn:
+                    found = await OrderStore(conn).order_for_key(event.customer_id,
+                                                                 idempotency_key)
+                if found is None:
+                    raise
+                earlier.append(found)
+        state = OrderState.ACCEPTED
+        if earlier:
+            stored, state = earlier[0]
+            if not same_order(stored, event):
+                raise HTTPException(409, f"Idempotency-Key {idempotency_key!r} was used for "
+                                         f"order {stored.order_id}, which differs from this "
+                                         "one; use a new key for a new order")
+            event = stored
+            response.headers["Idempotent-Replayed"] = "true"
         status_url = f"/orders/{event.order_id}"
         response.headers["Location"] = status_url
         publication = ("pending: published as soon as the broker confirms it"
@@ -228,7 +273,7 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
                        "pending: the broker is unreachable; the order is kept and published "
                        "when it returns")
         return OrderAccepted(order_id=event.order_id, status_url=status_url,
-                             state=OrderState.ACCEPTED, publication=publication,
+                             state=state, publication=publication,
                              order=OrderView.of(event))
 
     @app.get("/orders/{order_id}", response_model=OrderStatus,

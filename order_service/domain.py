@@ -71,6 +71,15 @@ def lines_total(lines: Iterable[OrderLine]) -> Decimal:
     return sum((line.line_total for line in lines), Decimal("0.00"))
 
 
+#: What makes two placements the same order (ids and times aside).
+_ORDER_CONTENT = {"customer_id", "lines", "currency", "total", "shipping_address"}
+
+
+def same_order(a: OrderPlaced, b: OrderPlaced) -> bool:
+    """Whether two OrderPlaced events place the same order, whatever their ids and times."""
+    return a.model_dump(include=_ORDER_CONTENT) == b.model_dump(include=_ORDER_CONTENT)
+
+
 def place_order(order: NewOrder, *, order_id: uuid.UUID | None = None,
                 now: datetime | None = None) -> OrderPlaced:
     """The `OrderPlaced` event for a validated order; the order id starts its flow."""

@@ -47,7 +47,16 @@ orders = sa.Table(
     # The whole OrderPlaced as published: the order's lines and address are read from it.
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("event_id", sa.String(36), nullable=False, unique=True),
+    # The client's Idempotency-Key, when it sent one (added later: nullable, and
+    # `add_missing_columns` adds it, with its index, to an older database).
+    sa.Column("idempotency_key", sa.String(128), nullable=True),
 )
+
+#: One order per customer and Idempotency-Key; orders placed without a key are not indexed.
+_IDEMPOTENCY_INDEX = "uq_orders_idempotency"
+sa.Index(_IDEMPOTENCY_INDEX, orders.c.customer_id, orders.c.idempotency_key, unique=True,
+         sqlite_where=orders.c.idempotency_key.isnot(None),
+         postgresql_where=orders.c.idempotency_key.isnot(None))
 
 #: The registry: who consumes what, built from the subscribers' announcements.
 subscribers = sa.Table(
@@ -112,21 +121,30 @@ _LATE_BATCH = 500
 
 
 async def add_missing_columns(engine: AsyncEngine) -> None:
-    """Add the columns newer code expects to an order database created before them.
+    """Add the columns (and their indexes) newer code expects to an order database created
+    before them.
 
     Only nullable columns are ever added here, so old rows stay valid. Idempotent, and safe
     when replicas start together (a column another replica just added is not an error).
     """
+    added = {"outcomes": ("producer", "VARCHAR(64)"),
+             "orders": ("idempotency_key", "VARCHAR(128)")}
+
+    def columns(sync: sa.Connection, table: str) -> set[str]:
+        return {c["name"] for c in sa.inspect(sync).get_columns(table)}
+
+    def create_index(sync: sa.Connection) -> None:
+        for index in orders.indexes:
+            if index.name == _IDEMPOTENCY_INDEX:
+                index.create(sync, checkfirst=True)
+
     async with engine.begin() as conn:
-        have = await conn.run_sync(
-            lambda sync: {c["name"] for c in sa.inspect(sync).get_columns("outcomes")})
-        if "producer" in have:
-            return
-        if conn.dialect.name == "postgresql":
-            await conn.execute(sa.text(
-                "ALTER TABLE outcomes ADD COLUMN IF NOT EXISTS producer VARCHAR(64)"))
-        else:
-            await conn.execute(sa.text("ALTER TABLE outcomes ADD COLUMN producer VARCHAR(64)"))
+        for table, (column, kind) in added.items():
+            if column in await conn.run_sync(columns, table):
+                continue
+            exists = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
+            await conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN{exists} {column} {kind}"))
+        await conn.run_sync(create_index)
 
 
 def _upsert(conn: AsyncConnection, table: sa.Table, values: Mapping[str, Any],
@@ -169,10 +187,12 @@ class OrderStore:
 
     # --- orders ---------------------------------------------------------------------
 
-    async def add_order(self, event: OrderPlaced) -> list[str]:
+    async def add_order(self, event: OrderPlaced, idempotency_key: str | None = None
+                        ) -> list[str]:
         """Store a new order (accepted) with the subscribers expected to handle it.
 
-        Returns the expected subscribers' names.
+        Returns the expected subscribers' names. A second order of the same customer with
+        the same `idempotency_key` breaks the unique index (IntegrityError).
         """
         placed_at = event.occurred_at.astimezone(UTC)
         await self.conn.execute(orders.insert(), {
@@ -184,6 +204,7 @@ class OrderStore:
             "state": OrderState.ACCEPTED.value,
             "body": event.model_dump_json(),
             "event_id": str(event.event_id),
+            "idempotency_key": idempotency_key,
         })
         expected = await self.subscribers_of("OrderPlaced", seen_by=placed_at)
         if expected:
@@ -197,6 +218,17 @@ class OrderStore:
         row = (await self.conn.execute(
             sa.select(orders.c.body, orders.c.state)
             .where(orders.c.order_id == str(order_id)))).first()
+        if row is None:
+            return None
+        return OrderPlaced.model_validate_json(row.body), OrderState(row.state)
+
+    async def order_for_key(self, customer_id: str, idempotency_key: str
+                            ) -> tuple[OrderPlaced, OrderState] | None:
+        """The order this customer placed with this Idempotency-Key, if any."""
+        row = (await self.conn.execute(
+            sa.select(orders.c.body, orders.c.state)
+            .where(orders.c.customer_id == customer_id,
+                   orders.c.idempotency_key == idempotency_key))).first()
         if row is None:
             return None
         return OrderPlaced.model_validate_json(row.body), OrderState(row.state)

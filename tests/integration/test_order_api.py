@@ -299,3 +299,46 @@ async def test_an_order_is_accepted_while_the_broker_is_down(client: httpx.Async
     assert response.status_code == 202, response.text
     assert "broker is unreachable" in response.json()["publication"]
     assert len(runtime.published) == 1
+
+
+async def test_an_order_sent_again_with_its_idempotency_key_is_placed_once(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """A retry after a lost answer: same key, same order -> the first answer again, marked
+    replayed, and still one order and one OrderPlaced."""
+    headers = {"Idempotency-Key": "retry-me"}
+    first = await client.post("/orders", json=order_body(), headers=headers)
+    again = await client.post("/orders", json=order_body(), headers=headers)
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json()["order_id"] == first.json()["order_id"]
+    assert again.headers["location"] == first.headers["location"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert len(runtime.published) == 1
+    listed = (await client.get("/orders")).json()
+    assert [o["order_id"] for o in listed] == [first.json()["order_id"]]
+
+
+async def test_an_idempotency_key_reused_for_another_order_is_refused(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """Same customer and key, different lines: 409 naming the first order; nothing placed.
+    Another customer's key of the same value is theirs."""
+    headers = {"Idempotency-Key": "k-1"}
+    first = await client.post("/orders", json=order_body(), headers=headers)
+    changed = order_body(lines=[{"sku": "SKU-BOOK-1", "quantity": 3, "unit_price": "19.99",
+                                 "seller_id": "books"}])
+    refused = await client.post("/orders", json=changed, headers=headers)
+    assert refused.status_code == 409, refused.text
+    assert first.json()["order_id"] in refused.json()["detail"]
+    other = await client.post("/orders", json=order_body(customer_id="cust-2"), headers=headers)
+    assert other.status_code == 202, other.text
+    assert other.json()["order_id"] != first.json()["order_id"]
+    assert len(runtime.published) == 2
+
+
+@pytest.mark.parametrize("key", ["", "k" * 129])
+async def test_a_malformed_idempotency_key_is_refused(client: httpx.AsyncClient,
+                                                      runtime: FakeRuntime, key: str) -> None:
+    response = await client.post("/orders", json=order_body(), headers={"Idempotency-Key": key})
+    assert response.status_code == 422, response.text
+    assert "Idempotency-Key" in response.text
+    assert runtime.published == []

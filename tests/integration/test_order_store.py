@@ -472,3 +472,60 @@ async def test_an_older_database_gets_the_producer_column(db_url: str) -> None:
     finally:
         await engine.dispose()
     assert producers == ["seller"]
+
+
+async def test_an_idempotency_key_names_one_order_per_customer(engine: AsyncEngine) -> None:
+    """The order placed with a key is found by (customer, key); the same key again for the
+    same customer is refused by the database; another customer may use it; no key, no
+    limit."""
+    first = place_order(NewOrder(customer_id="cust-1", lines=[LINE],
+                                 shipping_address=make_address()), now=PLACED_AT)
+    async with engine.begin() as conn:
+        await OrderStore(conn).add_order(first, idempotency_key="key-1")
+    async with engine.connect() as conn:
+        found = await OrderStore(conn).order_for_key("cust-1", "key-1")
+        assert await OrderStore(conn).order_for_key("cust-2", "key-1") is None
+    assert found == (first, OrderState.ACCEPTED)
+    again = place_order(NewOrder(customer_id="cust-1", lines=[LINE],
+                                 shipping_address=make_address()), now=PLACED_AT)
+    with pytest.raises(sa.exc.IntegrityError):
+        async with engine.begin() as conn:
+            await OrderStore(conn).add_order(again, idempotency_key="key-1")
+    other = place_order(NewOrder(customer_id="cust-2", lines=[LINE],
+                                 shipping_address=make_address()), now=PLACED_AT)
+    async with engine.begin() as conn:
+        await OrderStore(conn).add_order(other, idempotency_key="key-1")
+    await place(engine)
+    await place(engine)
+
+
+async def test_an_older_orders_table_gets_the_idempotency_key(db_url: str) -> None:
+    """An orders table from before Idempotency-Key: the column and its unique index are
+    added at start-up (twice is harmless), and keyed orders are then kept once."""
+    old = sa.MetaData()
+    sa.Table("orders", old,
+             sa.Column("order_id", sa.String(36), primary_key=True),
+             sa.Column("customer_id", sa.String(64), nullable=False),
+             sa.Column("currency", sa.String(3), nullable=False),
+             sa.Column("total", sa.Numeric(14, 2), nullable=False),
+             sa.Column("placed_at", UTCDateTime(), nullable=False),
+             sa.Column("state", sa.String(16), nullable=False),
+             sa.Column("body", sa.Text, nullable=False),
+             sa.Column("event_id", sa.String(36), nullable=False, unique=True))
+    engine = make_engine(db_url)
+    try:
+        await create_tables(engine, old)
+        await create_tables(engine, metadata)
+        await add_missing_columns(engine)
+        await add_missing_columns(engine)
+        event = place_order(NewOrder(customer_id="cust-1", lines=[LINE],
+                                     shipping_address=make_address()), now=PLACED_AT)
+        async with engine.begin() as conn:
+            await OrderStore(conn).add_order(event, idempotency_key="key-1")
+        with pytest.raises(sa.exc.IntegrityError):
+            async with engine.begin() as conn:
+                await OrderStore(conn).add_order(
+                    event.model_copy(update={"order_id": uuid.uuid4(), "event_id": uuid.uuid4()}),
+                    idempotency_key="key-1")
+    finally:
+        await engine.dispose()
