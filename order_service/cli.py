@@ -117,9 +117,22 @@ def _read_file(file: str) -> dict[str, Any]:
 
 # --- talking to the API -----------------------------------------------------------------
 
-def _request(api: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+#: Tries of `shop place` when the connection fails before an answer: safe, since each try
+#: carries the same Idempotency-Key.
+PLACE_ATTEMPTS = 3
+
+
+def _request(api: str, method: str, path: str, *, attempts: int = 1,
+             **kwargs: Any) -> httpx.Response:
+    """One request; `attempts` > 1 only for a request the server takes once however often
+    it is sent (a lost answer is then asked for again)."""
     try:
         with make_client(api) as client:
+            for _ in range(attempts - 1):
+                try:
+                    return client.request(method, path, **kwargs)
+                except httpx.TransportError:
+                    continue
             return client.request(method, path, **kwargs)
     except httpx.ConnectError:
         _fail(f"cannot reach the order API at {api}: is the order service running? (shop up)")
@@ -168,6 +181,9 @@ def place(
     file: Annotated[str | None, typer.Option(
         "--file", help="The whole order as JSON from this file ('-' for standard input), "
                        "instead of the options above.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(
+        help="Sent as Idempotency-Key: the same key again places the order once. By "
+             "default a new one for this command, which its own retries reuse.")] = None,
     api: Api = DEFAULT_API,
     as_json: AsJson = False,
 ) -> None:
@@ -201,7 +217,9 @@ def place(
     except ValidationError as exc:
         _fail("the order is not valid:\n"
               + "\n".join(_validation_lines([dict(e) for e in exc.errors()])), BAD_INPUT)
-    accepted = _check(_request(api, "POST", "/orders", json=order))
+    key = idempotency_key or str(uuid.uuid4())
+    accepted = _check(_request(api, "POST", "/orders", json=order,
+                               headers={"Idempotency-Key": key}, attempts=PLACE_ATTEMPTS))
     if as_json:
         print_json(accepted)
     else:

@@ -37,6 +37,7 @@ from common.db import create_tables, make_engine
 from common.outbox import kit_metadata
 from inventory_service.store import StockStore
 from inventory_service.store import metadata as inventory_metadata
+from order_service.cli import PLACE_ATTEMPTS
 
 T = TypeVar("T")
 
@@ -436,7 +437,7 @@ class Shop:
                 queue.get_nowait()
                 self.placement.sent += 1
                 try:
-                    response = await client.post(f"{self.api}/orders", json=body)
+                    response = await self._post_once(client, body)
                 except httpx.HTTPError as exc:
                     self.placement.refused[type(exc).__name__] += 1
                     continue
@@ -451,6 +452,18 @@ class Shop:
                 asyncio.gather(*(worker(client) for _ in range(concurrency))), timeout)
         self.placement.accepted += accepted
         return accepted
+
+    async def _post_once(self, client: httpx.AsyncClient, body: dict[str, Any]
+                         ) -> httpx.Response:
+        """POST one order as a careful client does: with an Idempotency-Key, sent again
+        with it when the connection fails before the answer (the API places it once)."""
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        for _ in range(PLACE_ATTEMPTS - 1):
+            try:
+                return await client.post(f"{self.api}/orders", json=body, headers=headers)
+            except httpx.TransportError:
+                continue
+        return await client.post(f"{self.api}/orders", json=body, headers=headers)
 
     async def publish_raw(self, exchange: str, messages: Sequence[aio_pika.Message]) -> None:
         """Publish messages as they are to one of the system's exchanges, confirmed."""

@@ -79,6 +79,41 @@ def test_place_sends_the_order_and_prints_its_id(api: Callable[..., FakeApi]) ->
     assert sent["shipping_address"]["postal_code"] == "10115"
 
 
+def test_place_retries_a_lost_answer_with_the_same_idempotency_key(
+        api: Callable[..., FakeApi]) -> None:
+    """The connection drops before the answer: sent again with the same key (the API then
+    places it once); the order's id is printed. `--idempotency-key` sets the key."""
+    calls: list[httpx.Request] = []
+
+    def drop_first(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise httpx.ReadError("connection reset", request=request)
+        return accepted(request)
+
+    fake = api(drop_first)
+    result = run("place", "--customer", "c", "--item", "S:1:1:x", *ADDRESS)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == ORDER_ID
+    first, second = fake.requests
+    assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
+    assert uuid.UUID(first.headers["idempotency-key"])
+    result = run("place", "--customer", "c", "--item", "S:1:1:x", *ADDRESS,
+                 "--idempotency-key", "my-key")
+    assert fake.requests[-1].headers["idempotency-key"] == "my-key"
+
+
+def test_place_gives_up_after_its_attempts(api: Callable[..., FakeApi]) -> None:
+    def reset(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("connection reset", request=request)
+
+    fake = api(reset)
+    result = run("place", "--customer", "c", "--item", "S:1:1:x", *ADDRESS)
+    assert result.exit_code == 1
+    assert "connection reset" in result.stderr
+    assert len(fake.requests) == cli.PLACE_ATTEMPTS
+
+
 def test_place_json_prints_the_whole_answer(api: Callable[..., FakeApi]) -> None:
     """--json prints the API's answer, the order included."""
     api()
