@@ -27,7 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.allocator import return_freed_memory
+from common.allocator import return_freed_memory, trim_forever
 from common.broker import Publisher, connect, instance_name
 from common.db import create_tables, is_sqlite, make_engine
 from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAnnounced
@@ -766,11 +766,13 @@ async def run_service(spec: ServiceSpec[StoreT], settings: ServiceSettings,
         await runner.stop()
         raise SystemExit(f"{spec.name}: {exc}") from exc
     extra_task = asyncio.create_task(extra(runtime)) if extra is not None else None
+    trimmer = asyncio.create_task(trim_forever(), name=f"{spec.name}-trim")
     waiters: set[asyncio.Task[Any]] = {stop_wait}
     if extra_task is not None:
         waiters.add(extra_task)
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     log.info("stopping")
+    trimmer.cancel()
     if extra_task is not None:
         extra_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
