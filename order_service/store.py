@@ -53,10 +53,10 @@ orders = sa.Table(
 )
 
 #: One order per customer and Idempotency-Key; orders placed without a key are not indexed.
-_IDEMPOTENCY_INDEX = "uq_orders_idempotency"
-sa.Index(_IDEMPOTENCY_INDEX, orders.c.customer_id, orders.c.idempotency_key, unique=True,
-         sqlite_where=orders.c.idempotency_key.isnot(None),
-         postgresql_where=orders.c.idempotency_key.isnot(None))
+_IDEMPOTENCY_INDEX = sa.Index(
+    "uq_orders_idempotency", orders.c.customer_id, orders.c.idempotency_key, unique=True,
+    sqlite_where=orders.c.idempotency_key.isnot(None),
+    postgresql_where=orders.c.idempotency_key.isnot(None))
 
 #: The registry: who consumes what, built from the subscribers' announcements.
 subscribers = sa.Table(
@@ -134,9 +134,7 @@ async def add_missing_columns(engine: AsyncEngine) -> None:
         return {c["name"] for c in sa.inspect(sync).get_columns(table)}
 
     def create_index(sync: sa.Connection) -> None:
-        for index in orders.indexes:
-            if index.name == _IDEMPOTENCY_INDEX:
-                index.create(sync, checkfirst=True)
+        _IDEMPOTENCY_INDEX.create(sync, checkfirst=True)
 
     async with engine.begin() as conn:
         for table, (column, kind) in added.items():
