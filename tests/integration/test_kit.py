@@ -200,9 +200,10 @@ async def test_a_handler_that_fails_twice_then_succeeds_is_handled_once_after_gr
     assert [r.attempt for r in receipts[:2]] == [1, 2]
     first_wait = (receipts[1].received_at - receipts[0].received_at).total_seconds()
     second_wait = (receipts[2].received_at - receipts[1].received_at).total_seconds()
+    # Each wait is at least its own delay (0.2 s, then 0.6 s), so they grow; a busy
+    # machine may stretch either one, so they are not compared with each other.
     assert first_wait >= 0.2
     assert second_wait >= 0.6
-    assert second_wait > first_wait
     assert await effect_count(runtime, order.order_id) == 1
 
 
