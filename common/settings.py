@@ -73,6 +73,11 @@ class ServiceSettings(BaseSettings):
         256, ge=1, le=10_000,
         description="Unacked deliveries per consumer; up to half of them share a transaction.")
 
+    batch_linger_ms: float = Field(
+        5.0, ge=0, le=1000, validation_alias=_shared("SHOP_BATCH_LINGER_MS"),
+        description="Milliseconds a delivery waits for others to share its transaction "
+                    "(0: only those already read off the socket).")
+
     @field_validator("retry_delays", mode="before")
     @classmethod
     def _split_delays(cls, value: object) -> object:

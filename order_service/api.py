@@ -233,6 +233,7 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         earlier: list[tuple[OrderPlaced, OrderState]] = []
 
         async def work(conn: AsyncConnection) -> list[Event]:
+            earlier.clear()  # run again if the group commit it shared failed
             store = OrderStore(conn)
             if idempotency_key is not None:
                 found = await store.order_for_key(event.customer_id, idempotency_key)

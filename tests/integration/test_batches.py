@@ -110,3 +110,22 @@ async def test_the_same_event_twice_in_one_batch_has_one_effect(
     assert await effect_count(runtime, twice.order_id) == 1
     assert sorted(r.outcome for r in receipts if r.handled_event_id == str(twice.event_id)) \
         == ["duplicate", "handled"]
+
+
+async def test_deliveries_arriving_within_the_linger_share_one_transaction(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection,
+        name_prefix: str) -> None:
+    """Five orders published one after the other, each awaiting its confirm (so they arrive
+    milliseconds apart, never together): with a 500 ms linger they are handled as one batch,
+    which the receipts show by sharing one arrival time."""
+    runtime = await start_service(PROBE, batch_linger_ms=500)
+    orders = [an_order() for _ in range(5)]
+    publisher = Publisher(amqp, runtime.topology)
+    for order in orders:
+        await publisher.publish(order)
+    await publisher.close()
+    _messages, receipts = await audit_messages(amqp, runtime, until=len(orders))
+    assert {r.outcome for r in receipts} == {"handled"}
+    assert len({r.received_at for r in receipts}) == 1, [r.received_at for r in receipts]
+    for order in orders:
+        assert await effect_count(runtime, order.order_id) == 1
