@@ -176,6 +176,26 @@ _REGISTRY = sa.select(subscribers).order_by(subscribers.c.name)
 _DELIVERY_UPSERTS = {"sqlite": _delivery_upsert(sqlite.insert),
                      "postgresql": _delivery_upsert(postgresql.insert)}
 
+# The statements of the per-order path, built once with bound parameters: building them
+# per call (coercing each clause, generating its cache key) cost the order service more
+# than SQLite took to run them.
+_INSERT_ORDER = orders.insert()
+_INSERT_EXPECTATIONS = order_expectations.insert()
+_INSERT_OUTCOME = outcomes.insert()
+_ADVANCE = (orders.update()
+            .where(orders.c.order_id == sa.bindparam("b_order_id"),
+                   orders.c.state.in_(sa.bindparam("b_weaker", expanding=True)))
+            .values(state=sa.bindparam("b_state")))
+#: Per state: the states an order in it may move forward from.
+_WEAKER = {seen: [state.value for state in OrderState if advance(state, seen) != state]
+           for seen in OrderState}
+_KNOWN_ORDERS = sa.select(orders.c.order_id).where(
+    orders.c.order_id.in_(sa.bindparam("b_ids", expanding=True)))
+_MARK_PUBLISHED = (orders.update()
+                   .where(orders.c.event_id.in_(sa.bindparam("b_event_ids", expanding=True)),
+                          orders.c.state == OrderState.ACCEPTED.value)
+                   .values(state=OrderState.PLACED.value))
+
 
 class OrderStore:
     """The order service's data, on one connection (the caller owns the transaction)."""
@@ -193,7 +213,7 @@ class OrderStore:
         the same `idempotency_key` breaks the unique index (IntegrityError).
         """
         placed_at = event.occurred_at.astimezone(UTC)
-        await self.conn.execute(orders.insert(), {
+        await self.conn.execute(_INSERT_ORDER, {
             "order_id": str(event.order_id),
             "customer_id": event.customer_id,
             "currency": event.currency,
@@ -206,7 +226,7 @@ class OrderStore:
         })
         expected = await self.subscribers_of("OrderPlaced", seen_by=placed_at)
         if expected:
-            await self.conn.execute(order_expectations.insert(), [
+            await self.conn.execute(_INSERT_EXPECTATIONS, [
                 {"order_id": str(event.order_id), "subscriber": name} for name in expected
             ])
         return expected
@@ -233,17 +253,14 @@ class OrderStore:
 
     async def advance_state(self, order_id: uuid.UUID | str, seen: OrderState) -> None:
         """Move the order forward to `seen` if that is progress (unknown orders: no-op)."""
-        weaker = [state.value for state in OrderState if advance(state, seen) != state]
-        await self.conn.execute(
-            orders.update()
-            .where(orders.c.order_id == str(order_id), orders.c.state.in_(weaker))
-            .values(state=seen.value))
+        await self.conn.execute(_ADVANCE, {"b_order_id": str(order_id),
+                                           "b_weaker": _WEAKER[seen], "b_state": seen.value})
 
     async def record_outcome(self, order_id: uuid.UUID, kind: str, detail: Mapping[str, Any],
                              at: datetime, event_id: uuid.UUID,
                              producer: str | None = None) -> None:
         """Keep a domain outcome another service reported (and which service it was)."""
-        await self.conn.execute(outcomes.insert(), {
+        await self.conn.execute(_INSERT_OUTCOME, {
             "order_id": str(order_id), "kind": kind, "detail": json.dumps(detail, default=str),
             "at": at, "event_id": str(event_id), "producer": producer})
 
@@ -329,11 +346,7 @@ class OrderStore:
         published = [r.handled_event_id for r in receipts
                      if r.handled_event_type == "OrderPlaced" and r.correlation_id in known]
         if published:
-            await self.conn.execute(
-                orders.update()
-                .where(orders.c.event_id.in_(published),
-                       orders.c.state == OrderState.ACCEPTED.value)
-                .values(state=OrderState.PLACED.value))
+            await self.conn.execute(_MARK_PUBLISHED, {"b_event_ids": published})
 
     async def _portable_delivery_upsert(self, values: Mapping[str, Any]) -> sa.Executable:
         match = sa.and_(deliveries.c.event_id == values["event_id"],
@@ -357,8 +370,7 @@ class OrderStore:
                 continue
         if not candidates:
             return set()
-        rows = await self.conn.execute(
-            sa.select(orders.c.order_id).where(orders.c.order_id.in_(candidates)))
+        rows = await self.conn.execute(_KNOWN_ORDERS, {"b_ids": candidates})
         return set(rows.scalars())
 
     # --- reads ----------------------------------------------------------------------
