@@ -10,14 +10,14 @@ from common.service import ServiceSpec
 from order_service.api import serve_api
 from order_service.handlers import AUDIT_HANDLERS, HANDLERS
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, add_missing_columns, metadata
+from order_service.store import OrderStore, metadata, upgrade_schema
 
 SPEC = ServiceSpec(
     name="order",
     handlers=HANDLERS,
     store=OrderStore,
     metadata=metadata,
-    on_start=add_missing_columns,
+    on_start=upgrade_schema,
     audit_handlers=AUDIT_HANDLERS,
     keep_receipts=OrderStore.record_deliveries,
 )

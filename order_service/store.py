@@ -48,7 +48,7 @@ orders = sa.Table(
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("event_id", sa.String(36), nullable=False, unique=True),
     # The client's Idempotency-Key, when it sent one (added later: nullable, and
-    # `add_missing_columns` adds it, with its index, to an older database).
+    # `upgrade_schema` adds it, with its index, to an older database).
     sa.Column("idempotency_key", sa.String(128), nullable=True),
 )
 
@@ -88,7 +88,9 @@ deliveries = sa.Table(
     sa.Column("correlation_id", sa.String(128), nullable=True),
     # The handled delivery's message id and type as they came: for an unreadable message,
     # whatever a publisher set, up to AMQP's 255 (PostgreSQL enforces lengths; SQLite not).
-    sa.Column("event_id", sa.String(255), nullable=True, index=True),
+    # Looked up through the unique (event_id, subscriber, outcome) below, whose index
+    # starts with it; an index of its own only cost every insert (dropped at start-up).
+    sa.Column("event_id", sa.String(255), nullable=True),
     sa.Column("event_type", sa.String(255), nullable=True),
     sa.Column("subscriber", sa.String(64), nullable=False),
     sa.Column("queue", sa.String(255), nullable=False),
@@ -110,7 +112,7 @@ outcomes = sa.Table(
     sa.Column("at", UTCDateTime(), nullable=False),
     sa.Column("event_id", sa.String(36), nullable=False),
     # The service that produced the outcome event, for the order's trace (added later:
-    # nullable, and `add_missing_columns` adds it to an older database).
+    # nullable, and `upgrade_schema` adds it to an older database).
     sa.Column("producer", sa.String(64), nullable=True),
 )
 
@@ -120,9 +122,13 @@ _FINAL_OUTCOMES = ("handled", "duplicate", "dead_lettered")
 _LATE_BATCH = 500
 
 
-async def add_missing_columns(engine: AsyncEngine) -> None:
-    """Add the columns (and their indexes) newer code expects to an order database created
-    before them.
+#: Indexes older versions created that the tables no longer declare.
+_RETIRED_INDEXES = ("ix_deliveries_event_id",)
+
+
+async def upgrade_schema(engine: AsyncEngine) -> None:
+    """Bring an order database created by older code up to date: add the columns (and
+    their indexes) newer code expects, drop the indexes it no longer has.
 
     Only nullable columns are ever added here, so old rows stay valid. Idempotent, and safe
     when replicas start together (a column another replica just added is not an error).
@@ -143,6 +149,8 @@ async def add_missing_columns(engine: AsyncEngine) -> None:
             exists = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
             await conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN{exists} {column} {kind}"))
         await conn.run_sync(create_index)
+        for index in _RETIRED_INDEXES:
+            await conn.execute(sa.text(f"DROP INDEX IF EXISTS {index}"))
 
 
 def _upsert(conn: AsyncConnection, table: sa.Table, values: Mapping[str, Any],

@@ -31,10 +31,10 @@ from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
 from order_service.handlers import AUDIT_HANDLERS, HANDLERS
 from order_service.store import (
     OrderStore,
-    add_missing_columns,
     deliveries,
     metadata,
     outcomes,
+    upgrade_schema,
 )
 from tests.factories import make_address, make_line
 
@@ -463,8 +463,8 @@ async def test_an_older_database_gets_the_producer_column(db_url: str) -> None:
     try:
         await create_tables(engine, old)
         await create_tables(engine, metadata)  # the other tables; outcomes stays as it was
-        await add_missing_columns(engine)
-        await add_missing_columns(engine)
+        await upgrade_schema(engine)
+        await upgrade_schema(engine)
         async with engine.begin() as conn:
             await OrderStore(conn).record_outcome(uuid.uuid4(), "seller", {}, T0, uuid.uuid4(),
                                                   producer="seller")
@@ -516,8 +516,8 @@ async def test_an_older_orders_table_gets_the_idempotency_key(db_url: str) -> No
     try:
         await create_tables(engine, old)
         await create_tables(engine, metadata)
-        await add_missing_columns(engine)
-        await add_missing_columns(engine)
+        await upgrade_schema(engine)
+        await upgrade_schema(engine)
         event = place_order(NewOrder(customer_id="cust-1", lines=[LINE],
                                      shipping_address=make_address()), now=PLACED_AT)
         async with engine.begin() as conn:
@@ -529,3 +529,35 @@ async def test_an_older_orders_table_gets_the_idempotency_key(db_url: str) -> No
                     idempotency_key="key-1")
     finally:
         await engine.dispose()
+
+
+async def test_an_older_database_loses_the_redundant_deliveries_index(db_url: str) -> None:
+    """Older code indexed deliveries.event_id on its own, beside the unique (event_id,
+    subscriber, outcome) that starts with it: the upgrade drops it (twice is harmless) and
+    receipts are still kept once per (event, subscriber, outcome)."""
+    engine = make_engine(db_url)
+
+    def indexes(sync: sa.Connection) -> set[str]:
+        return {str(ix["name"]) for ix in sa.inspect(sync).get_indexes("deliveries")}
+
+    try:
+        await create_tables(engine, metadata)
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(
+                "CREATE INDEX ix_deliveries_event_id ON deliveries (event_id)"))
+            assert "ix_deliveries_event_id" in await conn.run_sync(indexes)
+        await upgrade_schema(engine)
+        await upgrade_schema(engine)
+        async with engine.begin() as conn:
+            assert "ix_deliveries_event_id" not in await conn.run_sync(indexes)
+            receipt = DeliveryReceipt(subscriber="inventory", queue="inventory.order.placed",
+                                      handled_event_id=str(uuid.uuid4()),
+                                      handled_event_type="OrderPlaced", outcome="handled",
+                                      received_at=T0, duration_ms=1.0)
+            await OrderStore(conn).record_deliveries([receipt, receipt.model_copy(
+                update={"event_id": uuid.uuid4()})])
+            stored = (await conn.execute(sa.select(sa.func.count()).select_from(deliveries)
+                                         )).scalar_one()
+    finally:
+        await engine.dispose()
+    assert stored == 1
