@@ -324,6 +324,54 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         async with need().engine.connect() as conn:
             return await OrderStore(conn).list_subscribers()
 
+    @app.delete("/subscribers/{name}", response_model=Subscriber,
+                responses={404: {"model": Problem, "description": "Not registered."},
+                           409: {"model": Problem, "description": "Still announcing itself."}},
+                summary="Retire a subscriber")
+    async def retire_subscriber(
+        name: str,
+        force: Annotated[bool, Query(description="Retire it even though it announced itself "
+                                                 "recently (it registers again at its next "
+                                                 "announcement if it still runs).")] = False,
+    ) -> Subscriber:
+        """Take a subscriber that was shut down for good out of the registry, so orders
+        placed from now on stop expecting it (and stop showing it late). Orders placed
+        before keep whom they expected. Its queue stays on the broker, still bound and
+        filling: `GET /system` then reports it as unannounced until it is deleted.
+
+        Refused while the subscriber still announces itself (within two announcement
+        intervals), unless `force`.
+        """
+        rt = need()
+        now = datetime.now(UTC)
+        recent_within = timedelta(seconds=2 * settings.announce_interval)
+        found: list[Subscriber] = []
+        retired = False
+
+        async def work(conn: AsyncConnection) -> list[Event]:
+            nonlocal retired
+            found.clear()
+            retired = False
+            store = OrderStore(conn)
+            entry = next((s for s in await store.list_subscribers() if s.name == name), None)
+            if entry is None:
+                return []
+            found.append(entry)
+            if force or now - entry.last_seen >= recent_within:
+                retired = await store.retire_subscriber(name) is not None
+            return []
+
+        await rt.execute(work)
+        if not found:
+            raise HTTPException(404, f"no subscriber named {name!r} is registered")
+        if not retired:
+            ago = (now - found[0].last_seen).total_seconds()
+            raise HTTPException(409, f"subscriber {name!r} announced itself {ago:.0f} s ago "
+                                     f"(instance {found[0].instance}): it still runs and "
+                                     "would register again; stop it first, or retire it "
+                                     "with force=true")
+        return found[0]
+
     @app.get("/system", response_model=SystemReport, summary="Expected vs actual")
     async def system() -> SystemReport:
         """The subscriber registry against the broker's real topology.

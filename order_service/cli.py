@@ -9,6 +9,7 @@ import uuid
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -349,6 +350,30 @@ def subscribers(api: Api = DEFAULT_API, as_json: AsJson = False) -> None:
         table.add_row(s["name"], "\n".join(sorted(s["consumes"])), s["instance"],
                       _when(s["first_seen"]), _when(s["last_seen"]))
     Console().print(table)
+
+
+@app.command()
+def retire(
+    name: Annotated[str, typer.Argument(help="The subscriber's name, as `shop order "
+                                             "subscribers` lists it.")],
+    force: Annotated[bool, typer.Option("--force", help="Retire it even though it announced "
+                                                        "itself recently.")] = False,
+    api: Api = DEFAULT_API,
+    as_json: AsJson = False,
+) -> None:
+    """Take a subscriber shut down for good out of the registry: orders placed from now on
+    stop expecting it. Its queue stays on the broker until you delete it."""
+    if not name.strip():
+        _fail("the subscriber's name is empty", BAD_INPUT)
+    entry = _check(_request(api, "DELETE", f"/subscribers/{quote(name, safe='')}",
+                            params={"force": "true"} if force else None))
+    if as_json:
+        print_json(entry)
+        return
+    queues = ", ".join(sorted(entry["consumes"].values()))
+    Console().print(f"retired [bold]{entry['name']}[/bold]: orders placed from now on do not "
+                    f"expect it. Its queue(s) {queues} still receive events: delete them "
+                    "(`rabbitmqctl delete_queue <name>`) when it is gone for good.")
 
 
 @app.command()

@@ -300,6 +300,14 @@ class OrderStore:
         return [Subscriber(name=r.name, consumes=json.loads(r.consumes), instance=r.instance,
                            first_seen=r.first_seen, last_seen=r.last_seen) for r in rows]
 
+    async def retire_subscriber(self, name: str) -> Subscriber | None:
+        """Take `name` out of the registry: orders placed from now on do not expect it;
+        those placed before keep whom they expected. None if it is not registered."""
+        found = next((s for s in await self.list_subscribers() if s.name == name), None)
+        if found is not None:
+            await self.conn.execute(subscribers.delete().where(subscribers.c.name == name))
+        return found
+
     async def subscribers_of(self, event_type: str, *, seen_by: datetime) -> list[str]:
         """Names of the registered subscribers of `event_type` first seen by `seen_by`."""
         return [s.name for s in await self.list_subscribers()

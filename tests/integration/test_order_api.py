@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,40 @@ async def test_status_of_a_placed_order(client: httpx.AsyncClient, runtime: Fake
         (placed["order_id"], 1, 1)]
     registry = (await client.get("/subscribers")).json()
     assert [s["name"] for s in registry] == ["inventory", "seller"]
+
+
+async def test_a_retired_subscriber_is_no_longer_expected_by_new_orders(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """DELETE /subscribers/{name}: refused (409) while it still announces itself unless
+    forced, 404 when unknown; orders placed afterwards do not expect it, earlier ones still
+    do."""
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    await audit(runtime, SubscriberAnnounced(subscriber="inventory", instance="h:1",
+                                             consumes={"OrderPlaced": "inventory.order.placed"}))
+    await audit(runtime, SubscriberAnnounced(subscriber="seller", instance="h:2",
+                                             consumes={"OrderPlaced": "seller.order.placed"},
+                                             occurred_at=long_ago))
+    before = (await client.post("/orders", json=order_body())).json()
+
+    running = await client.delete("/subscribers/inventory")
+    assert running.status_code == 409, running.text
+    assert "force=true" in running.json()["detail"]
+    gone = await client.delete("/subscribers/seller")
+    assert gone.status_code == 200, gone.text
+    assert gone.json()["consumes"] == {"OrderPlaced": "seller.order.placed"}
+    again = await client.delete("/subscribers/seller")
+    assert again.status_code == 404
+    assert "seller" in again.json()["detail"]
+
+    after = (await client.post("/orders", json=order_body())).json()
+    expected_after = (await client.get(after["status_url"])).json()["subscribers"]
+    expected_before = (await client.get(before["status_url"])).json()["subscribers"]
+    assert [s["name"] for s in expected_after] == ["inventory"]
+    assert [s["name"] for s in expected_before] == ["inventory", "seller"]
+
+    forced = await client.delete("/subscribers/inventory", params={"force": "true"})
+    assert forced.status_code == 200, forced.text
+    assert (await client.get("/subscribers")).json() == []
 
 
 def fields_in(response: httpx.Response) -> set[str]:

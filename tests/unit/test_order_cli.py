@@ -369,6 +369,27 @@ def test_subscribers_lists_the_registry(api: Callable[..., FakeApi]) -> None:
     assert json.loads(run("subscribers", "--json").stdout) == [entry]
 
 
+def test_retire_deletes_the_subscriber_and_names_its_queues(
+        api: Callable[..., FakeApi]) -> None:
+    """retire sends DELETE /subscribers/{name} (force only when asked) and says which
+    queues are left to delete; the API's refusal is shown as it came."""
+    entry = {"name": "loyalty", "consumes": {"OrderPlaced": "loyalty.order.placed"},
+             "instance": "h:1", "first_seen": "2025-01-01T12:00:00Z",
+             "last_seen": "2025-01-01T12:01:00Z"}
+    fake = api(lambda _r: httpx.Response(200, json=entry))
+    result = run("retire", "loyalty", "--force")
+    assert result.exit_code == 0, result.output
+    [request] = fake.requests
+    assert (request.method, request.url.path) == ("DELETE", "/subscribers/loyalty")
+    assert request.url.params["force"] == "true"
+    assert "loyalty.order.placed" in result.stdout
+    api(lambda _r: httpx.Response(409, json={"detail": "subscriber 'loyalty' announced "
+                                                       "itself 3 s ago"}))
+    refused = run("retire", "loyalty")
+    assert refused.exit_code != 0
+    assert "announced itself 3 s ago" in refused.output
+
+
 def test_status_shows_a_late_subscriber_and_where_a_failed_one_waits(
         api: Callable[..., FakeApi]) -> None:
     """Late is its own status; a failure names its dead-letter queue; --wait counts a late
