@@ -77,6 +77,12 @@ class GroupCommit:
             self._leader = asyncio.create_task(self._lead(), name="group-commit")
         return await waiting.future
 
+    async def finish(self) -> None:
+        """Wait until the transactions queued so far are committed (or failed): at shutdown,
+        before the engine is disposed under them."""
+        while (leader := self._leader) is not None:
+            await asyncio.wait({leader})
+
     async def _lead(self) -> None:
         try:
             while self._queue:

@@ -689,6 +689,7 @@ class ServiceRunner(Generic[StoreT]):
         self._tasks.clear()
         if rt.connection is not None:
             await _bounded(rt.connection.close(), "close connection")
+        await _bounded(rt.commits.finish(), "finish commits")
         await _bounded(rt.engine.dispose(), "close database")
         log.info("service stopped")
 

@@ -115,3 +115,16 @@ async def test_postgresql_transactions_are_not_grouped(postgres_db_url: str) -> 
         async with eng.begin() as conn:
             await conn.run_sync(table.drop)
         await eng.dispose()
+
+
+async def test_finish_waits_for_the_queued_transactions(engine: AsyncEngine) -> None:
+    """At shutdown: what was queued before `finish` is committed when it returns, even if
+    its callers gave up waiting."""
+    group = GroupCommit(engine, asyncio.Lock())
+    callers = [asyncio.create_task(group.run(insert(i))) for i in range(10)]
+    await asyncio.sleep(0)  # the callers queue their work; the leader starts
+    for caller in callers[5:]:
+        caller.cancel()
+    await group.finish()
+    assert set(await stored(engine)) >= set(range(5))
+    assert all(c.done() for c in callers)
