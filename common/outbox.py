@@ -201,17 +201,16 @@ class Relay:
     """
 
     def __init__(self, engine: AsyncEngine, publisher: Publisher, *,
-                 write_lock: asyncio.Lock, batch: int = 256, poll_interval: float = 1.0,
+                 commits: GroupCommit, batch: int = 256, poll_interval: float = 1.0,
                  retention: timedelta = timedelta(days=7), max_backoff: float = 30.0,
                  service: str = "shop", instance: str | None = None,
-                 orphan_after: timedelta = timedelta(seconds=15),
-                 commits: GroupCommit | None = None) -> None:
+                 orphan_after: timedelta = timedelta(seconds=15)) -> None:
         self._service = service
         self._instance = instance
         self._orphan_after = orphan_after
         self._engine = engine
         self._publisher = publisher
-        self._write_lock = write_lock
+        #: The service's writers' turn-taking: marking rows sent shares their commits.
         self._commits = commits
         self._batch = batch
         self._poll_interval = poll_interval
@@ -361,12 +360,7 @@ class Relay:
                             seconds=min(0.2 * 2 ** row.attempts, self._max_backoff)),
                     } for row, exc in failures])
 
-            if self._commits is not None:
-                # Shares the commit of whatever the service writes at the same time.
-                await self._commits.run(mark)
-            else:
-                async with self._write_lock, self._engine.begin() as conn:
-                    await mark(conn)
+            await self._commits.run(mark)
         finally:
             self._in_flight -= batch.ids
             self._busy_keys -= batch.by_key.keys()
@@ -450,8 +444,11 @@ class Relay:
         """Delete sent rows and handled-event records older than the retention."""
         cutoff = utcnow() - self._retention
         try:
-            async with self._write_lock, self._engine.begin() as conn:
+
+            async def delete_old(conn: AsyncConnection) -> None:
                 await conn.execute(delete(outbox).where(outbox.c.sent_at < cutoff))
                 await conn.execute(delete(inbox).where(inbox.c.handled_at < cutoff))
+
+            await self._commits.run(delete_old)
         except SQLAlchemyError as exc:
             log.warning("outbox cleanup failed", error=str(exc))

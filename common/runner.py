@@ -219,10 +219,9 @@ class ServiceRunner(Generic[StoreT]):
         rt.connection = await connect(self.settings.amqp_url, self._instance,
                                       wait=self.broker_wait)
         rt.publisher = Publisher(rt.connection, self.topology, self.spec.name)
-        rt.relay = Relay(rt.engine, rt.publisher, write_lock=rt.write_lock,  # type: ignore[arg-type]
+        rt.relay = Relay(rt.engine, rt.publisher, commits=rt.commits,
                          retention=timedelta(hours=self.settings.retention_hours),
-                         service=self.spec.name, instance=rt.instance,
-                         commits=rt.commits)
+                         service=self.spec.name, instance=rt.instance)
         await self._declare_audit()
         for sub in self.subscriptions:
             await self._consume(sub)

@@ -16,6 +16,7 @@ from typing import cast
 import pytest
 
 from common.broker import Publisher
+from common.commit import GroupCommit
 from common.db import create_tables, make_engine
 from common.outbox import Relay, kit_metadata
 
@@ -41,7 +42,7 @@ async def test_the_relay_stops_when_cancelled_just_as_a_commit_wakes_it(tmp_path
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}")
     await create_tables(engine, kit_metadata)
     # The outbox is empty, so the relay never publishes: it needs no broker.
-    relay = Relay(engine, cast(Publisher, object()), write_lock=asyncio.Lock(),
+    relay = Relay(engine, cast(Publisher, object()), commits=GroupCommit(engine, asyncio.Lock()),
                   poll_interval=60)
     task = asyncio.create_task(relay.run())
     try:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.broker import Publisher, UnroutableError
+from common.commit import GroupCommit
 from common.db import UTCDateTime, create_tables, make_engine
 from common.events import (
     EVENT_TYPES,
@@ -96,7 +97,7 @@ async def commit(engine: AsyncEngine, events: Sequence[Event]) -> None:
 
 
 def relay_for(engine: AsyncEngine, publisher: Publisher, **options: Any) -> Relay:
-    return Relay(engine, publisher, write_lock=asyncio.Lock(), **options)
+    return Relay(engine, publisher, commits=GroupCommit(engine, asyncio.Lock()), **options)
 
 
 async def outbox_rows(engine: AsyncEngine) -> dict[str, sa.Row[Any]]:
