@@ -353,12 +353,13 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
             found.clear()
             retired = False
             store = OrderStore(conn)
-            entry = next((s for s in await store.list_subscribers() if s.name == name), None)
+            entry = await store.subscriber(name)
             if entry is None:
                 return []
             found.append(entry)
             if force or now - entry.last_seen >= recent_within:
-                retired = await store.retire_subscriber(name) is not None
+                await store.retire_subscriber(name)
+                retired = True
             return []
 
         await rt.execute(work)

@@ -205,6 +205,11 @@ _MARK_PUBLISHED = (orders.update()
                    .values(state=OrderState.PLACED.value))
 
 
+def _subscriber(row: Any) -> Subscriber:
+    return Subscriber(name=row.name, consumes=json.loads(row.consumes), instance=row.instance,
+                      first_seen=row.first_seen, last_seen=row.last_seen)
+
+
 class OrderStore:
     """The order service's data, on one connection (the caller owns the transaction)."""
 
@@ -296,17 +301,18 @@ class OrderStore:
 
     async def list_subscribers(self) -> list[Subscriber]:
         """The registry, by name."""
-        rows = (await self.conn.execute(_REGISTRY)).all()
-        return [Subscriber(name=r.name, consumes=json.loads(r.consumes), instance=r.instance,
-                           first_seen=r.first_seen, last_seen=r.last_seen) for r in rows]
+        return [_subscriber(r) for r in (await self.conn.execute(_REGISTRY)).all()]
 
-    async def retire_subscriber(self, name: str) -> Subscriber | None:
+    async def subscriber(self, name: str) -> Subscriber | None:
+        """One registry entry, or None."""
+        row = (await self.conn.execute(
+            sa.select(subscribers).where(subscribers.c.name == name))).first()
+        return _subscriber(row) if row is not None else None
+
+    async def retire_subscriber(self, name: str) -> None:
         """Take `name` out of the registry: orders placed from now on do not expect it;
-        those placed before keep whom they expected. None if it is not registered."""
-        found = next((s for s in await self.list_subscribers() if s.name == name), None)
-        if found is not None:
-            await self.conn.execute(subscribers.delete().where(subscribers.c.name == name))
-        return found
+        those placed before keep whom they expected."""
+        await self.conn.execute(subscribers.delete().where(subscribers.c.name == name))
 
     async def subscribers_of(self, event_type: str, *, seen_by: datetime) -> list[str]:
         """Names of the registered subscribers of `event_type` first seen by `seen_by`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ async def test_each_work_runs_in_its_callers_context(engine: AsyncEngine) -> Non
 
 async def test_postgresql_transactions_are_not_grouped(postgres_db_url: str) -> None:
     eng = make_engine(postgres_db_url)
-    table = sa.Table(f"commit_{id(eng)}", sa.MetaData(), sa.Column("id", sa.Integer,
+    table = sa.Table(f"commit_{uuid.uuid4().hex[:12]}", sa.MetaData(), sa.Column("id", sa.Integer,
                                                                      primary_key=True))
     try:
         async with eng.begin() as conn:
