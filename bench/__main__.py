@@ -25,7 +25,7 @@ from typing import Any
 import aio_pika
 from rich.console import Console
 
-from bench import cases
+from bench import cases, history
 from bench.cases import CONSUMERS, Context, Figures, Params, SkippedError
 from bench.node import Node
 from bench.procfs import broker_pid
@@ -34,7 +34,8 @@ from bench.system import System
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ALL_CASES = ("fanout", "consume", "kit", "direct", "http", "latency", "growth", "recovery")
+ALL_CASES = ("fanout", "consume", "kit", "direct", "http", "latency", "growth", "history",
+             "recovery")
 SYSTEM_CASES = {"direct", "http", "latency"}
 
 #: `make bench-smoke`: every case completes, in about a minute or two; figures mean nothing.
@@ -42,7 +43,7 @@ SMOKE = {
     "rounds": 1, "fanout_orders": 200, "consume_messages": 300, "system_orders": 40,
     "loads": (10.0, 20.0, 40.0), "load_seconds": 1.0, "warmup_orders": 10,
     "growth_orders": 100, "growth_batch": 30, "growth_pairs": 1, "outage_seconds": 1.0,
-    "outage_rate": 10.0, "backlog_orders": 30, "timeout": 120.0,
+    "outage_rate": 10.0, "backlog_orders": 30, "history_orders": 500, "timeout": 120.0,
 }
 
 
@@ -84,6 +85,9 @@ def parse(argv: Sequence[str] | None) -> tuple[Params, argparse.Namespace]:
     parser.add_argument("--growth-pairs", type=int,
                         help=f"growth's alternating batches on a fresh and the grown system "
                              f"(default {defaults.growth_pairs})")
+    parser.add_argument("--history-orders", type=int,
+                        help=f"orders in the history case's database "
+                             f"(default {defaults.history_orders:,})")
     parser.add_argument("--backlog-orders", type=int,
                         help=f"case 7 backlog (default {defaults.backlog_orders})")
     parser.add_argument("--amqp-url", default=os.environ.get(
@@ -105,7 +109,8 @@ def parse(argv: Sequence[str] | None) -> tuple[Params, argparse.Namespace]:
     overrides: dict[str, Any] = dict(SMOKE) if args.smoke else {}
     for name in ("rounds", "fanout_orders", "consume_messages", "system_orders", "window",
                  "prefetch", "http_concurrency", "direct_concurrency", "load_seconds",
-                 "growth_orders", "growth_batch", "growth_pairs", "backlog_orders"):
+                 "growth_orders", "growth_batch", "growth_pairs", "backlog_orders",
+                 "history_orders"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -180,6 +185,10 @@ async def run(params: Params, console: Console, tmp: Path) -> dict[str, Any]:
         if "growth" in chosen:
             await run_.attempt("growth", 1, functools.partial(cases.growth, ctx),
                                "throughput_ratio")
+        if "history" in chosen:
+            await run_.attempt("history", 1, functools.partial(
+                history.history, str(ctx.tmp / "history.db"), params.history_orders),
+                "look_ms")
         if "recovery" in chosen:
             await run_.attempt("recovery", 1, functools.partial(_recovery, ctx, early),
                                "restart_to_first_handled_s")
@@ -323,6 +332,9 @@ NOTES = {
                "to the latest effect stamp of the three subscribers (reservations.reserved_at, "
                "shipments.created_at, notifications.created_at), written in the delivery's "
                "transaction just before its commit.",
+    "history": "an order database filled straight through SQL (answered orders, one in "
+               "10,000 left unanswered); the store calls GET /system and GET /orders run, "
+               "timed in the bench process on SQLite inline, as the service runs them.",
     "recovery": "on a throwaway node (scripts/rabbitmq-node): stop_app, an outage, start_app; "
                 "a steady stream of orders over HTTP throughout.",
 }

@@ -68,6 +68,8 @@ class Params:
     outage_seconds: float = 3.0
     outage_rate: float = 20.0
     backlog_orders: int = 2_000
+    #: Orders in the history case's order database.
+    history_orders: int = 100_000
     timeout: float = 600.0
     cases: frozenset[str] = field(default_factory=frozenset)
     #: Where py-spy flame graphs of the system cases go (None: no profiling).

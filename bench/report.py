@@ -238,8 +238,20 @@ def render(console: Console, result: Mapping[str, Any]) -> None:
                      "was down: start -> first handled, s",
                      _fmt(recovery["backlog_start_to_first_handled_s"], 2))
         once.add_row("recovery: backlog drain, msg/s", _fmt(recovery["backlog_drain_per_s"], 0))
-    if growth or recovery:
-        console.print("\n[bold]Growth and recovery (once per run)[/bold]")
+    reads = next(iter(rounds.get("history", ())), None)
+    if reads:
+        once.add_row(f"history: late scan over {reads['orders']:,} orders, nothing settled "
+                     "(every look before settling), ms", _fmt(reads["unsettled_scan_ms"], 1))
+        once.add_row(f"history: first look, settling them in "
+                     f"{reads['first_look_transactions']} transactions, ms (longest one)",
+                     f"{reads['first_look_ms']:,.0f} "
+                     f"({reads['first_look_longest_transaction_ms']:.0f})")
+        once.add_row(f"history: every later look (GET /system's late orders: "
+                     f"{reads['late_found']}), ms", _fmt(reads["look_ms"], 1))
+        once.add_row("history: the latest 50 orders with their fan-out (GET /orders), ms",
+                     _fmt(reads["latest_50_ms"], 1))
+    if growth or recovery or reads:
+        console.print("\n[bold]Growth, history and recovery (once per run)[/bold]")
         console.print(once)
 
     console.print("\n[bold]Goals: ratios within this run, paired per round, median "

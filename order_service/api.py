@@ -192,6 +192,25 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+async def settle_answered(rt: OrderRuntime, now: datetime, cutoff: datetime) -> None:
+    """Mark settled the orders answered since the last look (`OrderStore.settle_answered`),
+    a chunk per transaction, so the late-orders scan that follows reads only the rest."""
+    after: datetime | None = None
+    while True:
+        start = after
+        found: list[datetime | None] = []
+
+        async def work(conn: AsyncConnection, start: datetime | None = start,
+                       found: list[datetime | None] = found) -> list[Event]:
+            # Run again if its group commit fails: it must not advance `after` itself.
+            found[:] = [await OrderStore(conn).settle_answered(now, cutoff, after=start)]
+            return []
+
+        await rt.execute(work)
+        if (after := found[0]) is None:
+            return
+
+
 def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI:
     """The API over a running service; with `runtime=None` only the docs work (503 else)."""
     app = FastAPI(
@@ -312,6 +331,8 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         """The latest orders, newest first, with their fan-out counts and each subscriber's
         status."""
         now = datetime.now(UTC)
+        if late:
+            await settle_answered(need(), now, now - late_after)
         async with need().engine.connect() as conn:
             store = OrderStore(conn)
             if late:
@@ -387,6 +408,7 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
 
     async def _system(rt: OrderRuntime) -> SystemReport:
         now = datetime.now(UTC)
+        await settle_answered(rt, now, now - late_after)
         async with rt.engine.connect() as conn:
             store = OrderStore(conn)
             registry = await store.list_subscribers()

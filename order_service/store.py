@@ -50,6 +50,10 @@ orders = sa.Table(
     # The client's Idempotency-Key, when it sent one (added later: nullable, and
     # `upgrade_schema` adds it, with its index, to an older database).
     sa.Column("idempotency_key", sa.String(128), nullable=True),
+    # When a late-orders scan found every expected subscriber's final answer: from then on
+    # the scan skips the order (added later, like idempotency_key). Cleared again when the
+    # answer is reopened (a replayed dead letter, a subscriber registered late).
+    sa.Column("settled_at", UTCDateTime(), nullable=True),
 )
 
 #: One order per customer and Idempotency-Key; orders placed without a key are not indexed.
@@ -57,6 +61,12 @@ _IDEMPOTENCY_INDEX = sa.Index(
     "uq_orders_idempotency", orders.c.customer_id, orders.c.idempotency_key, unique=True,
     sqlite_where=orders.c.idempotency_key.isnot(None),
     postgresql_where=orders.c.idempotency_key.isnot(None))
+
+#: The orders a late-orders scan still has to look at: the few not yet settled, by time. Its
+#: WHERE must match the scans' own `settled_at IS NULL` for the database to use it.
+_UNSETTLED_INDEX = sa.Index(
+    "ix_orders_unsettled", orders.c.placed_at,
+    sqlite_where=orders.c.settled_at.is_(None), postgresql_where=orders.c.settled_at.is_(None))
 
 #: The registry: who consumes what, built from the subscribers' announcements.
 subscribers = sa.Table(
@@ -120,6 +130,8 @@ outcomes = sa.Table(
 _FINAL_OUTCOMES = ("handled", "duplicate", "dead_lettered")
 #: Orders examined per query when looking for late ones.
 _LATE_BATCH = 500
+#: Unsettled orders one `settle_answered` transaction looks at.
+_SETTLE_CHUNK = 1000
 
 
 #: Indexes older versions created that the tables no longer declare.
@@ -133,22 +145,25 @@ async def upgrade_schema(engine: AsyncEngine) -> None:
     Only nullable columns are ever added here, so old rows stay valid. Idempotent, and safe
     when replicas start together (a column another replica just added is not an error).
     """
-    added = {"outcomes": ("producer", "VARCHAR(64)"),
-             "orders": ("idempotency_key", "VARCHAR(128)")}
+    added = [outcomes.c.producer, orders.c.idempotency_key, orders.c.settled_at]
 
     def columns(sync: sa.Connection, table: str) -> set[str]:
         return {c["name"] for c in sa.inspect(sync).get_columns(table)}
 
-    def create_index(sync: sa.Connection) -> None:
+    def create_indexes(sync: sa.Connection) -> None:
         _IDEMPOTENCY_INDEX.create(sync, checkfirst=True)
+        _UNSETTLED_INDEX.create(sync, checkfirst=True)
 
     async with engine.begin() as conn:
-        for table, (column, kind) in added.items():
-            if column in await conn.run_sync(columns, table):
+        for column in added:
+            table = column.table.name
+            if column.name in await conn.run_sync(columns, table):
                 continue
             exists = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
-            await conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN{exists} {column} {kind}"))
-        await conn.run_sync(create_index)
+            kind = column.type.compile(dialect=conn.dialect)
+            await conn.execute(sa.text(
+                f"ALTER TABLE {table} ADD COLUMN{exists} {column.name} {kind}"))
+        await conn.run_sync(create_indexes)
         for index in _RETIRED_INDEXES:
             await conn.execute(sa.text(f"DROP INDEX IF EXISTS {index}"))
 
@@ -203,6 +218,15 @@ _MARK_PUBLISHED = (orders.update()
                    .where(orders.c.event_id.in_(sa.bindparam("b_event_ids", expanding=True)),
                           orders.c.state == OrderState.ACCEPTED.value)
                    .values(state=OrderState.PLACED.value))
+
+_REOPEN_REPLAYED = (orders.update()
+                    .where(orders.c.event_id.in_(sa.bindparam("b_event_ids", expanding=True)),
+                           orders.c.settled_at.isnot(None))
+                    .values(settled_at=None))
+_REOPEN_SINCE = (orders.update()
+                 .where(orders.c.placed_at >= sa.bindparam("b_since"),
+                        orders.c.settled_at.isnot(None))
+                 .values(settled_at=None))
 
 
 def _subscriber(row: Any) -> Subscriber:
@@ -280,7 +304,17 @@ class OrderStore:
     # --- registry -------------------------------------------------------------------
 
     async def upsert_subscriber(self, event: SubscriberAnnounced) -> None:
-        """Register or refresh a subscriber; `first_seen` never moves once set."""
+        """Register or refresh a subscriber; `first_seen` never moves once set.
+
+        A new subscriber of OrderPlaced (or one that starts consuming it) is expected by
+        the orders placed since it was first seen, which the tracker may have settled
+        before it read the announcement: those are reopened for the late-orders scan.
+        """
+        if "OrderPlaced" in event.consumes:
+            known = await self.subscriber(event.subscriber)
+            if known is None or "OrderPlaced" not in known.consumes:
+                since = known.first_seen if known is not None else event.occurred_at
+                await self.conn.execute(_REOPEN_SINCE, {"b_since": since})
         values = {"name": event.subscriber, "consumes": json.dumps(event.consumes, sort_keys=True),
                   "instance": event.instance, "first_seen": event.occurred_at,
                   "last_seen": event.occurred_at}
@@ -369,6 +403,11 @@ class OrderStore:
                      if r.handled_event_type == "OrderPlaced" and r.correlation_id in known]
         if published:
             await self.conn.execute(_MARK_PUBLISHED, {"b_event_ids": published})
+        # A replayed delivery reopens its order for the late-orders scan until it is
+        # answered again (rare: an operator's replay).
+        reopened = [r.handled_event_id for r in receipts if r.outcome == "replayed"]
+        if reopened:
+            await self.conn.execute(_REOPEN_REPLAYED, {"b_event_ids": reopened})
 
     async def _portable_delivery_upsert(self, values: Mapping[str, Any]) -> sa.Executable:
         match = sa.and_(deliveries.c.event_id == values["event_id"],
@@ -434,11 +473,16 @@ class OrderStore:
                           limit: int | None = None) -> list[OrderSummary]:
         """Orders with an expected subscriber late, newest first (`limit`: at most that many).
 
-        The database narrows the search to orders placed before the deadline that some
-        expected subscriber has not finally answered (no handled, duplicate or dead-lettered
-        receipt, or one replayed since); the fan-out rule decides on those few.
+        The database narrows the search to orders placed before the deadline, not settled
+        (see `settle_answered`), that some expected subscriber has not finally answered (no
+        handled, duplicate or dead-lettered receipt, or one replayed since); the fan-out
+        rule decides on those few.
         """
-        candidates = await self._late_candidates(now - late_after)
+        candidates = list((await self.conn.execute(
+            sa.select(*_SUMMARY_COLUMNS)
+            .where(orders.c.settled_at.is_(None), orders.c.placed_at <= now - late_after,
+                   await self._unanswered())
+            .order_by(orders.c.placed_at.desc(), orders.c.order_id))).all())
         found: list[OrderSummary] = []
         for start in range(0, len(candidates), _LATE_BATCH):
             rows = candidates[start:start + _LATE_BATCH]
@@ -448,8 +492,35 @@ class OrderStore:
                 return found[:limit]
         return found
 
-    async def _late_candidates(self, cutoff: datetime) -> list[Any]:
-        """Orders placed by `cutoff` that an expected subscriber may not have answered."""
+    async def settle_answered(self, now: datetime, cutoff: datetime, *,
+                              after: datetime | None = None, chunk: int = _SETTLE_CHUNK
+                              ) -> datetime | None:
+        """Mark settled the orders placed after `after` and by `cutoff` that every expected
+        subscriber has finally answered, looking at about `chunk` unsettled orders (the
+        oldest); returns where the next chunk starts, or None when this one reached `cutoff`.
+
+        The late-orders scan then looks only at orders not settled: those placed since the
+        last scan and those still unanswered, instead of the whole history. Run chunk after
+        chunk, each in a transaction of its own, so the first scan of a long history holds
+        neither the write lock nor the event loop for long. A settled order is reopened
+        when its answer is (`record_deliveries`: a replayed dead letter;
+        `upsert_subscriber`: a subscriber registered after orders that expect it).
+        """
+        window = [orders.c.settled_at.is_(None), orders.c.placed_at <= cutoff]
+        if after is not None:
+            window.append(orders.c.placed_at > after)
+        bound: datetime | None = (await self.conn.execute(
+            sa.select(orders.c.placed_at).where(*window).order_by(orders.c.placed_at)
+            .offset(chunk - 1).limit(1))).scalar()
+        await self.conn.execute(
+            orders.update()
+            .where(*window, orders.c.placed_at <= (bound or cutoff), ~await self._unanswered())
+            .values(settled_at=now))
+        return bound if bound is not None and bound < cutoff else None
+
+    async def _unanswered(self) -> sa.ColumnElement[bool]:
+        """An order (the enclosing query's `orders` row) some expected subscriber has not
+        finally answered."""
 
         def unanswered_by(subscriber: Any) -> sa.ColumnElement[bool]:
             # correlate_except: `orders` (and `order_expectations`) come from the enclosing
@@ -472,10 +543,7 @@ class OrderStore:
         # _fan_outs); there are a handful, so one condition each.
         registry = [sa.and_(orders.c.placed_at >= s.first_seen, unanswered_by(s.name))
                     for s in await self.list_subscribers() if "OrderPlaced" in s.consumes]
-        return list((await self.conn.execute(
-            sa.select(*_SUMMARY_COLUMNS)
-            .where(orders.c.placed_at <= cutoff, sa.or_(frozen, *registry))
-            .order_by(orders.c.placed_at.desc(), orders.c.order_id))).all())
+        return sa.or_(frozen, *registry)
 
     async def _summaries(self, rows: Sequence[Any], *, now: datetime | None,
                          late_after: timedelta | None) -> list[OrderSummary]:

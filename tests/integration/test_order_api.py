@@ -11,15 +11,18 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.db import create_tables, make_engine
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
 from common.settings import ServiceSettings
 from order_service.api import OrderRuntime, Work, create_app
+from order_service.domain import NewOrder, place_order
 from order_service.handlers import AUDIT_HANDLERS
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, metadata
+from order_service.store import OrderStore, metadata, orders
+from tests.factories import make_address, make_line
 
 pytestmark = pytest.mark.integration
 
@@ -175,6 +178,36 @@ async def test_a_retired_subscriber_is_no_longer_expected_by_new_orders(
     forced = await client.delete("/subscribers/inventory", params={"force": "true"})
     assert forced.status_code == 200, forced.text
     assert (await client.get("/subscribers")).json() == []
+
+
+async def test_the_late_list_settles_the_answered_orders_for_later_looks(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """GET /orders?late=true lists the order its subscriber left unanswered, and marks the
+    answered one settled, so the next looks (the page asks every few seconds) skip it."""
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    await audit(runtime, SubscriberAnnounced(subscriber="inventory", instance="h:1",
+                                             consumes={"OrderPlaced": "inventory.order.placed"},
+                                             occurred_at=long_ago - timedelta(minutes=1)))
+    answered, silent = (place_order(NewOrder(customer_id="cust-1", lines=[make_line("SKU-1")],
+                                             shipping_address=make_address()), now=long_ago)
+                        for _ in range(2))
+    async with runtime.engine.begin() as conn:
+        for order in (answered, silent):
+            await OrderStore(conn).add_order(order)
+    await audit(runtime, DeliveryReceipt(
+        subscriber="inventory", queue="inventory.order.placed",
+        handled_event_id=str(answered.event_id), handled_event_type="OrderPlaced",
+        outcome="handled", received_at=long_ago, duration_ms=1.0,
+        correlation_id=answered.correlation_id))
+
+    response = await client.get("/orders", params={"late": "true"})
+
+    assert response.status_code == 200, response.text
+    assert [o["order_id"] for o in response.json()] == [str(silent.order_id)]
+    async with runtime.engine.connect() as conn:
+        still_open = set((await conn.execute(
+            sa.select(orders.c.order_id).where(orders.c.settled_at.is_(None)))).scalars())
+    assert still_open == {str(silent.order_id)}
 
 
 def fields_in(response: httpx.Response) -> set[str]:

@@ -33,6 +33,7 @@ from order_service.store import (
     OrderStore,
     deliveries,
     metadata,
+    orders,
     outcomes,
     upgrade_schema,
 )
@@ -415,6 +416,113 @@ async def test_a_replayed_dead_letter_is_late_again_only_after_a_new_deadline(
     assert [o.order_id for o in later] == [order.order_id]
 
 
+async def settle(engine: AsyncEngine, now: datetime, *, chunk: int = 2000) -> int:
+    """What the API does before a late scan: settle chunk after chunk; returns the chunks."""
+    after: datetime | None = None
+    chunks = 0
+    while True:
+        async with engine.begin() as conn:
+            after = await OrderStore(conn).settle_answered(now, now - DEADLINE, after=after,
+                                                           chunk=chunk)
+        chunks += 1
+        if after is None:
+            return chunks
+
+
+async def unsettled(engine: AsyncEngine) -> set[uuid.UUID]:
+    async with engine.connect() as conn:
+        return {uuid.UUID(i) for i in (await conn.execute(
+            sa.select(orders.c.order_id).where(orders.c.settled_at.is_(None)))).scalars()}
+
+
+async def test_settling_leaves_the_late_scan_only_the_orders_still_open(
+        engine: AsyncEngine) -> None:
+    """Orders every expected subscriber answered for good (handled, dead-lettered) by the
+    deadline are settled, a few per chunk; unanswered, retrying and recent ones stay open,
+    and the late orders found are the same as without settling."""
+    await deliver(engine, announced("inventory"))
+    answered = [await place(engine, PLACED_AT + timedelta(seconds=i)) for i in range(5)]
+    for order in answered[:4]:
+        await deliver(engine, receipt_for(order, "inventory"))
+    await deliver(engine, receipt_for(answered[4], "inventory", "dead_lettered", error="x"))
+    silent = await place(engine, PLACED_AT + timedelta(seconds=6))
+    retrying = await place(engine, PLACED_AT + timedelta(seconds=7))
+    await deliver(engine, receipt_for(retrying, "inventory", "retried", error="x"))
+    recent = await place(engine, PLACED_AT + timedelta(seconds=60))
+    await deliver(engine, receipt_for(recent, "inventory"))
+    now = PLACED_AT + timedelta(seconds=70)
+    async with engine.connect() as conn:
+        before = await OrderStore(conn).late_orders(now, DEADLINE)
+
+    assert await settle(engine, now, chunk=2) == 4  # 7 orders by the cutoff, 2 per chunk
+
+    assert await unsettled(engine) == {silent.order_id, retrying.order_id, recent.order_id}
+    async with engine.connect() as conn:
+        after = await OrderStore(conn).late_orders(now, DEADLINE)
+    assert [o.order_id for o in after] == [o.order_id for o in before] == [
+        retrying.order_id, silent.order_id]
+    assert await settle(engine, now) == 1
+    assert await unsettled(engine) == {silent.order_id, retrying.order_id, recent.order_id}
+
+
+async def test_a_replayed_dead_letter_reopens_a_settled_order(engine: AsyncEngine) -> None:
+    """Dead-lettered, settled, then replayed: the late scan sees the order again, late once
+    the deadline after the replay has passed."""
+    await deliver(engine, announced("inventory"))
+    order = await place(engine)
+    await deliver(engine, receipt_for(order, "inventory", "dead_lettered", error="boom"))
+    await settle(engine, PLACED_AT + timedelta(minutes=4))
+    assert await unsettled(engine) == set()
+    await deliver(engine, receipt_for(order, "inventory", "replayed").model_copy(
+        update={"received_at": PLACED_AT + timedelta(minutes=5)}))
+    later = PLACED_AT + timedelta(minutes=6)
+    await settle(engine, later)
+    async with engine.connect() as conn:
+        late = await OrderStore(conn).late_orders(later, DEADLINE)
+    assert [o.order_id for o in late] == [order.order_id]
+
+
+async def test_a_subscriber_registered_late_reopens_the_orders_placed_since_it_started(
+        engine: AsyncEngine) -> None:
+    """Logistics started before two orders but its announcement was read after they were
+    settled: both are reopened and found late; an order placed before it started is not."""
+    await deliver(engine, announced("inventory"))
+    before_it = await place(engine, PLACED_AT)
+    since = [await place(engine, PLACED_AT + timedelta(minutes=m)) for m in (2, 3)]
+    for order in (before_it, *since):
+        await deliver(engine, receipt_for(order, "inventory"))
+    now = PLACED_AT + timedelta(minutes=10)
+    await settle(engine, now)
+    assert await unsettled(engine) == set()
+    await deliver(engine, announced("logistics", PLACED_AT + timedelta(minutes=1)))
+    assert await unsettled(engine) == {o.order_id for o in since}
+    await settle(engine, now)
+    async with engine.connect() as conn:
+        late = await OrderStore(conn).late_orders(now, DEADLINE)
+    assert {o.order_id for o in late} == {o.order_id for o in since}
+    for order in since:
+        await deliver(engine, receipt_for(order, "logistics"))
+    await settle(engine, now)
+    assert await unsettled(engine) == set()
+    await deliver(engine, announced("logistics", now))  # a refresh reopens nothing
+    assert await unsettled(engine) == set()
+
+
+async def test_a_subscriber_that_starts_consuming_order_placed_reopens_orders(
+        engine: AsyncEngine) -> None:
+    """Known since T0 for another event, then announcing OrderPlaced: the orders placed
+    since it was first seen expect it (as the fan-out reads the registry) and reopen."""
+    await deliver(engine, announced("inventory"))
+    await deliver(engine, announced("seller", T0, order_placed=False))
+    order = await place(engine)
+    await deliver(engine, receipt_for(order, "inventory"))
+    now = PLACED_AT + timedelta(minutes=10)
+    await settle(engine, now)
+    assert await unsettled(engine) == set()
+    await deliver(engine, announced("seller", now))
+    assert await unsettled(engine) == {order.order_id}
+
+
 async def test_the_trace_reads_receipts_outcomes_producers_and_the_confirmation(
         engine: AsyncEngine) -> None:
     """The store's trace: placed, published at the outbox's confirmation, the receipts of
@@ -499,9 +607,11 @@ async def test_an_idempotency_key_names_one_order_per_customer(engine: AsyncEngi
     await place(engine)
 
 
-async def test_an_older_orders_table_gets_the_idempotency_key(db_url: str) -> None:
-    """An orders table from before Idempotency-Key: the column and its unique index are
-    added at start-up (twice is harmless), and keyed orders are then kept once."""
+async def test_an_older_orders_table_gets_the_idempotency_key_and_settled_mark(
+        db_url: str) -> None:
+    """An orders table from before Idempotency-Key and the settled mark: the columns and
+    their indexes are added at start-up (twice is harmless); keyed orders are then kept
+    once, and answered orders are settled."""
     old = sa.MetaData()
     sa.Table("orders", old,
              sa.Column("order_id", sa.String(36), primary_key=True),
@@ -527,6 +637,12 @@ async def test_an_older_orders_table_gets_the_idempotency_key(db_url: str) -> No
                 await OrderStore(conn).add_order(
                     event.model_copy(update={"order_id": uuid.uuid4(), "event_id": uuid.uuid4()}),
                     idempotency_key="key-1")
+        await settle(engine, PLACED_AT + timedelta(hours=1))  # nobody expected: answered
+        assert await unsettled(engine) == set()
+        async with engine.connect() as conn:
+            indexes = await conn.run_sync(
+                lambda sync: {ix["name"] for ix in sa.inspect(sync).get_indexes("orders")})
+        assert {"uq_orders_idempotency", "ix_orders_unsettled"} <= indexes
     finally:
         await engine.dispose()
 
