@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
-from sqlalchemy import DateTime, MetaData, TypeDecorator, event, text
+from sqlalchemy import DateTime, Index, MetaData, TypeDecorator, event, text
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -162,19 +162,29 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-async def create_tables(engine: AsyncEngine, *metadatas: MetaData) -> None:
-    """Create whatever tables are missing (idempotent).
+async def create_tables(engine: AsyncEngine, *metadatas: MetaData,
+                        indexes: Sequence[Index] = ()) -> None:
+    """Create whatever tables are missing, and `indexes` where missing (idempotent).
+
+    `create_all` creates an index only with its table: `indexes` names those added to a
+    table after it first shipped, for older databases.
 
     On PostgreSQL, replicas starting at once would both find a table missing and one
     CREATE would fail; a transaction-scoped advisory lock lets one create while the other
     waits, then finds the tables there.
     """
+
+    def create_indexes(sync: Any) -> None:
+        for index in indexes:
+            index.create(sync, checkfirst=True)
+
     async with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": _CREATE_TABLES_LOCK})
         for metadata in metadatas:
             await conn.run_sync(metadata.create_all)
+        await conn.run_sync(create_indexes)
 
 
 def run_with_store(db_url: str, metadata: MetaData, store: Callable[[AsyncConnection], S],

@@ -78,6 +78,13 @@ inbox = Table(
     Column("event_id", String(36), primary_key=True),
     Column("handled_at", UTCDateTime(), nullable=False),
 )
+#: For the cleanup's range: without it, deleting what is past the retention read the whole
+#: table every minute (60 ms over the 440,000 rows 100,000 orders leave in the order
+#: service, on its event loop).
+_INBOX_BY_TIME = Index("ix_kit_inbox_handled_at", inbox.c.handled_at)
+
+#: Indexes the kit's tables got after they first shipped (see `create_tables`).
+KIT_LATER_INDEXES = (_INBOX_BY_TIME,)
 
 
 def utcnow() -> datetime:

@@ -34,6 +34,7 @@ from common.db import create_tables, is_sqlite, make_engine
 from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAnnounced
 from common.logging import delivery_context, get_logger
 from common.outbox import (
+    KIT_LATER_INDEXES,
     Relay,
     add_to_outbox,
     claim,
@@ -213,7 +214,8 @@ class ServiceRunner(Generic[StoreT]):
 
     async def __aenter__(self) -> Runtime[StoreT]:
         rt = self.runtime
-        await create_tables(rt.engine, kit_metadata, self.spec.metadata)
+        await create_tables(rt.engine, kit_metadata, self.spec.metadata,
+                            indexes=KIT_LATER_INDEXES)
         if self.spec.on_start is not None:
             await self.spec.on_start(rt.engine)
         rt.connection = await connect(self.settings.amqp_url, self._instance,

@@ -27,6 +27,7 @@ from common.events import (
     StockReserved,
 )
 from common.outbox import (
+    KIT_LATER_INDEXES,
     Relay,
     add_to_outbox,
     claim,
@@ -322,6 +323,33 @@ async def test_retention_removes_old_sent_rows_and_old_inbox_records_only(
         kept = set((await conn.execute(sa.select(inbox.c.event_id))).scalars())
         assert kept == {"handled-lately"}
         assert not await seen(conn, QUEUE, "handled-long-ago")
+
+
+async def test_an_older_inbox_gets_the_index_its_cleanup_reads(db_url: str) -> None:
+    """An inbox from before the handled_at index (the cleanup read the whole table every
+    minute): creating the tables adds it, twice is harmless, and the inbox works as before."""
+    old = sa.MetaData()
+    sa.Table("kit_inbox", old,
+             sa.Column("queue", sa.String(255), primary_key=True),
+             sa.Column("event_id", sa.String(36), primary_key=True),
+             sa.Column("handled_at", UTCDateTime(), nullable=False))
+    eng = make_engine(db_url)
+
+    def indexes(sync: sa.Connection) -> set[str]:
+        return {str(ix["name"]) for ix in sa.inspect(sync).get_indexes("kit_inbox")}
+
+    try:
+        await create_tables(eng, old)
+        async with eng.connect() as conn:
+            assert "ix_kit_inbox_handled_at" not in await conn.run_sync(indexes)
+        await create_tables(eng, kit_metadata, indexes=KIT_LATER_INDEXES)
+        await create_tables(eng, kit_metadata, indexes=KIT_LATER_INDEXES)
+        async with eng.begin() as conn:
+            assert "ix_kit_inbox_handled_at" in await conn.run_sync(indexes)
+            assert await claim(conn, QUEUE, ["e1", "e2"]) == {"e1", "e2"}
+            assert await claim(conn, QUEUE, ["e2", "e3"]) == {"e3"}
+    finally:
+        await eng.dispose()
 
 
 # --- times ------------------------------------------------------------------------------------
