@@ -139,7 +139,7 @@ async def diagnose(settings: ServiceSettings, api: str, *, amqp_wait: float = 3.
     try:
         snapshot = await observe.read_broker(settings, sorted(expected),
                                              exchanges=observe.event_exchanges(prefix),
-                                             connection=connection)
+                                             connection=connection, current=True)
     finally:
         if connection is not None:
             await connection.close()

@@ -271,15 +271,19 @@ async def read_amqp(connection: AbstractConnection, names: Iterable[str], *,
 async def read_broker(settings: ServiceSettings, queues: Iterable[str], *,
                       exchanges: Sequence[str] = (),
                       connection: AbstractConnection | None = None,
-                      amqp_wait: float = 5.0) -> BrokerSnapshot:
+                      amqp_wait: float = 5.0, current: bool = False) -> BrokerSnapshot:
     """The broker's view: from the management API, or else from AMQP passive declares.
 
     `queues` are the queues the AMQP fallback asks about (each with its dead-letter queue);
     the management API lists every queue under the prefix anyway. The management API knows
     a new queue's counts only after its statistics interval (about 5 to 10 s): until then
-    they are asked for by passive declare. `connection` serves the declares when given;
+    they are asked for by passive declare. With `current`, so are the counts of `queues`
+    and their dead-letter queues whatever their age: the API's are as of its last refresh
+    (a consumer that stopped seconds ago still shows), and a one-off check such as `shop
+    doctor` must not pass, or fail, on them. `connection` serves the declares when given;
     otherwise one is opened for them and closed afterwards.
     """
+    queues = list(queues)
     api = ManagementApi.of(settings)
     try:
         async with api.client() as client:
@@ -290,8 +294,11 @@ async def read_broker(settings: ServiceSettings, queues: Iterable[str], *,
                  "using AMQP passive declares: no bindings, no unacked counts, no rates")
         names = [n for q in queues for n in (q, dead_letter_queue(q))]
         return await _declared(settings, connection, names, error, amqp_wait)
-    gaps = sorted(q.name for q in snapshot.queues.values()
-                  if q.ready is None or q.consumers is None)[:MAX_GAPS]
+    stale = {q.name for q in snapshot.queues.values()
+             if q.ready is None or q.consumers is None}
+    if current:
+        stale |= {n for q in queues for n in (q, dead_letter_queue(q)) if n in snapshot.queues}
+    gaps = sorted(stale)[:MAX_GAPS]
     if not gaps:
         return snapshot
     filled = await _declared(settings, connection, gaps, None, amqp_wait)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,14 +20,16 @@ import aio_pika
 import httpx
 import pytest
 import structlog
+from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncConnection
 from typer.testing import CliRunner, Result
 
-from common import cli
+from common import cli, observe
 from common.events import Event, OrderPlaced
 from common.runner import Runtime, ServiceRunner
 from common.service import ServiceSpec
+from common.settings import ServiceSettings
 from inventory_service.__main__ import SPEC as INVENTORY
 from inventory_service.settings import InventorySettings
 from logistics_service.__main__ import SPEC as LOGISTICS
@@ -460,3 +463,45 @@ async def test_without_the_management_api_passive_declares_stand_in(
     assert listing["source"] == "amqp"
     [row] = [r for r in listing["queues"] if r["queue"] == f"{name_prefix}inventory.order.placed"]
     assert (row["consumers"], row["unacked"], row["publish_rate"]) == (1, None, None)
+
+
+async def test_a_current_read_asks_the_broker_for_counts_the_statistics_have_not_caught(
+        amqp_url: str, management_url: str, name_prefix: str) -> None:
+    """The management API's consumer counts are as of its last statistics refresh (5 s):
+    with `current` (as `shop doctor` reads) a consumer that just started, then just
+    stopped, shows at once."""
+    settings = ServiceSettings(amqp_url=amqp_url, management_url=management_url,
+                               name_prefix=name_prefix)
+    name = f"{name_prefix}probe.order.placed"
+    api = observe.ManagementApi.of(settings)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, durable=True)
+
+        async def counted_by_the_api() -> bool:
+            async with api.client() as client:
+                snapshot = await observe.read_management(client, api, name_prefix, ())
+            found = snapshot.queues.get(name)
+            return found is not None and found.consumers == 0
+
+        await wait_for(counted_by_the_api, timeout=30, interval=0.5,
+                       what="the management API's statistics of the new queue")
+
+        async def ack(message: AbstractIncomingMessage) -> None:
+            await message.ack()
+
+        tag = await queue.consume(ack)
+        started = await observe.read_broker(settings, [name], connection=connection,
+                                            current=True)
+        await queue.cancel(tag)
+        stopped = await observe.read_broker(settings, [name], connection=connection,
+                                            current=True)
+        assert (started.source, stopped.source) == (observe.MANAGEMENT, observe.MANAGEMENT)
+        assert started.queues[name].consumers == 1
+        assert stopped.queues[name].consumers == 0
+    finally:
+        with contextlib.suppress(Exception):
+            cleanup = await connection.channel()
+            await cleanup.queue_delete(name)
+        await connection.close()
