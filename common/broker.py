@@ -68,7 +68,7 @@ async def connect(url: str, connection_name: str, *, wait: float | None = None
     while True:
         attempt += 1
         try:
-            return await aio_pika.connect_robust(
+            connection = await aio_pika.connect_robust(
                 broker_url(url, connection_name),
                 client_properties={"connection_name": connection_name},
                 timeout=10,
@@ -84,6 +84,36 @@ async def connect(url: str, connection_name: str, *, wait: float | None = None
                             error=str(exc) or type(exc).__name__, retry_in=round(delay, 2))
             await asyncio.sleep(delay)  # backoff between connection attempts, not a test wait
             delay = min(delay * 2, 5.0)
+            continue
+        _log_outages(connection, safe_url(url))
+        return connection
+
+
+def _log_outages(connection: AbstractRobustConnection, where: str) -> None:
+    """One warning when the connection drops, one line when it is back: in place of the
+    client's own reconnect logs (`common.logging.ReconnectNoise`)."""
+    lost_at: float | None = None
+
+    def lost(_sender: Any, exc: BaseException | None = None) -> None:
+        nonlocal lost_at
+        # Closed on purpose (close() passes CancelledError before is_closed turns true),
+        # or already reported.
+        if (connection.is_closed or isinstance(exc, asyncio.CancelledError)
+                or lost_at is not None):
+            return
+        lost_at = time.monotonic()
+        log.warning("broker connection lost; reconnecting", url=where,
+                    reason=(str(exc) or type(exc).__name__) if exc is not None else None,
+                    retry_every_s=getattr(connection, "reconnect_interval", None))
+
+    def restored(_sender: Any) -> None:
+        nonlocal lost_at
+        down = None if lost_at is None else round(time.monotonic() - lost_at, 1)
+        lost_at = None
+        log.info("broker connection restored", url=where, down_s=down)
+
+    connection.close_callbacks.add(lost)
+    connection.reconnect_callbacks.add(restored)
 
 
 def instance_name(service: str) -> str:

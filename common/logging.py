@@ -44,6 +44,8 @@ def configure_logging(settings: ServiceSettings) -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    if logging.getLevelName(settings.log_level.upper()) != logging.DEBUG:
+        handler.addFilter(ReconnectNoise())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -58,9 +60,33 @@ def configure_logging(settings: ServiceSettings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     structlog.contextvars.bind_contextvars(service=settings.service_name)
-    # aiormq logs every reconnect attempt's traceback at WARNING; ours says it once.
+    # Their INFO lines are per channel and per frame; what matters reaches WARNING.
     logging.getLogger("aiormq").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aio_pika").setLevel(max(logging.WARNING, root.level))
+
+
+#: What aiormq and aio-pika log while a robust connection is down and coming back: a
+#: traceback for the closed socket, errors from the callbacks of the channels it closed, a
+#: warning per reconnect attempt. `common.broker.connect` says instead, once, that the
+#: connection was lost and when it is back.
+_RECONNECT_NOISE = (
+    "Unexpected connection close from remote",
+    "Cancelling cause reader exited abnormally",
+    "error when creating transport",
+    "Connection attempt to ",
+    "Reconnect attempt failed",
+    "RobustChannel._on_close",
+)
+
+
+class ReconnectNoise(logging.Filter):
+    """Drops the AMQP client's reconnect noise (kept at DEBUG, where this is not used)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("aiormq", "aio_pika")):
+            return True
+        message = record.getMessage()
+        return not any(pattern in message for pattern in _RECONNECT_NOISE)
 
 
 def _noop(_logger: Any, _name: str, event_dict: Any) -> Any:

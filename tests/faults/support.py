@@ -363,6 +363,17 @@ class Shop:
         tail = path.read_text(errors="replace").splitlines()[-lines:]
         return f"--- last lines of {service}'s log ---\n" + "\n".join(tail)
 
+    def log_records(self, service: str) -> list[dict[str, Any]]:
+        """The service's JSON log lines, parsed (other lines, if any, skipped)."""
+        path = self.logs / f"{service}.log"
+        records = []
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
+
     def all_logs(self) -> str:
         return "\n".join(self.log_tail(s) for s in self.procs)
 

@@ -115,6 +115,14 @@ async def test_a_broker_restart_amid_a_thousand_orders_loses_nothing(
                  note=f"consumers back on all {len(consumers)} queues {back:.1f}s after "
                       "start_app; recovery: start_app to every effect (placing went on)")
     shop.assert_clean(accepted=1000)
+    for service in SYSTEM:
+        # The outage in two lines, not the AMQP client's tracebacks and attempts.
+        records = shop.log_records(service)
+        events = [r.get("event") for r in records]
+        assert "broker connection lost; reconnecting" in events, shop.log_tail(service)
+        assert "broker connection restored" in events, shop.log_tail(service)
+        client = [r for r in records if str(r.get("logger")).startswith(("aiormq", "aio_pika"))]
+        assert client == [], client[:3]
 
 
 async def test_connections_closed_by_the_broker_recover_and_lose_nothing(

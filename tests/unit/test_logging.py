@@ -34,3 +34,41 @@ def test_lines_inside_a_delivery_carry_its_ids_and_lines_after_it_do_not(
     assert outside["event"] == "outside"
     assert "event_id" not in outside
     assert "order_id" not in outside
+
+
+def _logged(level: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """What reaches the log from a reconnect's worth of aiormq and aio-pika records, and
+    from a warning of theirs that is not about reconnecting."""
+    configure_logging(ServiceSettings(log_format="json", log_level=level))
+    try:
+        aiormq = logging.getLogger("aiormq.connection")
+        aiormq.warning("Unexpected connection close from remote \"amqp://x\", "
+                       "Connection.Close(reply_code=320)")
+        aiormq.warning("Cancelling cause reader exited abnormally")
+        aiormq.error("error when creating transport: <AMQPConnectionError: (111, ...)>")
+        logging.getLogger("aio_pika.tools").error(
+            "Callback <OneShotCallback: cb=<bound method RobustChannel._on_close of ...>> "
+            "error: RuntimeError: closed")
+        logging.getLogger("aio_pika.robust_connection").warning(
+            "Connection attempt to \"amqp://x\" failed: refused. Reconnecting after 5 seconds.")
+        logging.getLogger("aiormq.channel").warning("Channel closed with an unknown frame")
+        get_logger("common.broker").warning("broker connection lost; reconnecting")
+        return [json.loads(line)["event"]
+                for line in capsys.readouterr().err.splitlines() if line]
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_the_amqp_clients_reconnect_noise_gives_way_to_our_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """At INFO the client's tracebacks, callback errors and per-attempt warnings of a
+    reconnect are dropped (the kit logs one line instead); its other warnings stay."""
+    assert _logged("INFO", capsys) == ["Channel closed with an unknown frame",
+                                       "broker connection lost; reconnecting"]
+
+
+def test_at_debug_the_amqp_clients_reconnect_lines_are_all_kept(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert len(_logged("DEBUG", capsys)) == 7
