@@ -465,10 +465,12 @@ async def growth(ctx: Context) -> Figures:
         await warm_up(ctx, system, p.warmup_orders)
         start = await measure_batch(ctx, system, "http", p.growth_batch)
         start_rows, start_sizes = system.table_rows(), system.db_sizes()
+        start_reads = await system.read_times()
         ctx.say(f"growth: start {start['orders_per_s']:.0f} orders/s; placing "
                 f"{p.growth_orders:,} orders")
         fill_rates = await _fill(ctx, system)
         end = await measure_batch(ctx, system, "http", p.growth_batch)
+        end_reads = await system.read_times()
         rss_ratio = {name: round(end["rss_mb"][name] / start["rss_mb"][name], 3)
                      for name in end["rss_mb"] if start["rss_mb"].get(name)}
         await start_system(ctx, fresh)
@@ -504,6 +506,8 @@ async def growth(ctx: Context) -> Figures:
             "start_rss_mb": start["rss_mb"],
             "end_rss_mb": end["rss_mb"],
             "rss_ratio": rss_ratio,
+            "reads_ms_start": start_reads,
+            "reads_ms_end": end_reads,
             "worst_rss_ratio": max(rss_ratio.values()) if rss_ratio else None,
             "fill_orders_per_s": fill_rates,
             "rows_start": start_rows,

@@ -219,6 +219,13 @@ def render(console: Console, result: Mapping[str, Any]) -> None:
         once.add_row("growth: orders/s, same system at start / end (machine drift included)",
                      f"{growth['start_orders_per_s']:,.0f} / {growth['end_orders_per_s']:,.0f}"
                      f" = {growth['start_end_ratio']:.2f}")
+        start_reads, end_reads = growth.get("reads_ms_start"), growth.get("reads_ms_end")
+        if start_reads and end_reads:
+            for key, what in (("system_first", "GET /system, first look (settles)"),
+                              ("system_next", "GET /system, next look"),
+                              ("late_orders", "GET /orders?late=true")):
+                once.add_row(f"growth: {what}, ms at start / end",
+                             f"{start_reads[key]:,.0f} / {end_reads[key]:,.0f}")
         for name, ratio in growth["rss_ratio"].items():
             once.add_row(f"growth: RSS of {name}, MB at start / end",
                          f"{growth['start_rss_mb'][name]:.0f} / "

@@ -366,6 +366,21 @@ class System:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         return httpx.AsyncClient(base_url=self.api, timeout=60, limits=limits)
 
+    async def read_times(self) -> dict[str, float]:
+        """Milliseconds the operator's reads take: GET /system twice (the first look after
+        a while settles the orders answered since), the late list, the latest orders."""
+        times: dict[str, float] = {}
+        async with self.client(1) as client:
+            for key, path in (("system_first", "/system"), ("system_next", "/system"),
+                              ("late_orders", "/orders?late=true"), ("orders", "/orders")):
+                if key == "system_next":
+                    await asyncio.sleep(1.1)  # past GET /system's one-second cache
+                started = time.perf_counter()
+                response = await client.get(path)
+                response.raise_for_status()
+                times[key] = round((time.perf_counter() - started) * 1000, 1)
+        return times
+
     @staticmethod
     async def _post(client: httpx.AsyncClient, body: dict[str, Any], placement: Placement
                     ) -> None:
