@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -17,12 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common.db import create_tables, make_engine
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
 from common.settings import ServiceSettings
-from order_service.api import OrderRuntime, Work, create_app
+from order_service.api import OrderRuntime, Work, create_app, settle_forever
 from order_service.domain import NewOrder, place_order
 from order_service.handlers import AUDIT_HANDLERS
 from order_service.settings import OrderSettings
 from order_service.store import OrderStore, metadata, orders
 from tests.factories import make_address, make_line
+from tests.integration.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -180,10 +183,8 @@ async def test_a_retired_subscriber_is_no_longer_expected_by_new_orders(
     assert (await client.get("/subscribers")).json() == []
 
 
-async def test_the_late_list_settles_the_answered_orders_for_later_looks(
-        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
-    """GET /orders?late=true lists the order its subscriber left unanswered, and marks the
-    answered one settled, so the next looks (the page asks every few seconds) skip it."""
+async def answered_and_silent(runtime: FakeRuntime) -> tuple[OrderPlaced, OrderPlaced]:
+    """Two orders placed an hour ago, expected by inventory: one answered, one not."""
     long_ago = datetime.now(UTC) - timedelta(hours=1)
     await audit(runtime, SubscriberAnnounced(subscriber="inventory", instance="h:1",
                                              consumes={"OrderPlaced": "inventory.order.placed"},
@@ -199,15 +200,43 @@ async def test_the_late_list_settles_the_answered_orders_for_later_looks(
         handled_event_id=str(answered.event_id), handled_event_type="OrderPlaced",
         outcome="handled", received_at=long_ago, duration_ms=1.0,
         correlation_id=answered.correlation_id))
+    return answered, silent
+
+
+async def still_open(runtime: FakeRuntime) -> set[str]:
+    async with runtime.engine.connect() as conn:
+        return set((await conn.execute(
+            sa.select(orders.c.order_id).where(orders.c.settled_at.is_(None)))).scalars())
+
+
+async def test_the_late_list_settles_the_answered_orders_for_later_looks(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """GET /orders?late=true lists the order its subscriber left unanswered, and marks the
+    answered one settled, so the next looks (the page asks every few seconds) skip it."""
+    _answered, silent = await answered_and_silent(runtime)
 
     response = await client.get("/orders", params={"late": "true"})
 
     assert response.status_code == 200, response.text
     assert [o["order_id"] for o in response.json()] == [str(silent.order_id)]
-    async with runtime.engine.connect() as conn:
-        still_open = set((await conn.execute(
-            sa.select(orders.c.order_id).where(orders.c.settled_at.is_(None)))).scalars())
-    assert still_open == {str(silent.order_id)}
+    assert await still_open(runtime) == {str(silent.order_id)}
+
+
+async def test_answered_orders_are_settled_in_the_background_with_nobody_looking(
+        runtime: FakeRuntime) -> None:
+    """What the service runs beside its API: answered orders past the deadline are settled
+    without a look at late orders, so the first look after a quiet spell is short."""
+    _answered, silent = await answered_and_silent(runtime)
+    settling = asyncio.create_task(settle_forever(runtime, timedelta(seconds=30), every=0.05))
+    try:
+        async def settled() -> bool:
+            return await still_open(runtime) == {str(silent.order_id)}
+
+        await wait_for(settled, timeout=10, what="the answered order to be settled")
+    finally:
+        settling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await settling
 
 
 def fields_in(response: httpx.Response) -> set[str]:
