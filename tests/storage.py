@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import NullPool, text
+from sqlalchemy import NullPool, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -108,3 +109,12 @@ async def someone_waits_for(engine: AsyncEngine, pid: int) -> bool:
             "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
             {"pid": pid})
     return bool(blocked)
+
+
+async def index_names(conn: AsyncConnection, table: str) -> set[str]:
+    """The names of the indexes `table` has in the database (migrations' tests)."""
+
+    def read(sync: Any) -> set[str]:
+        return {str(ix["name"]) for ix in inspect(sync).get_indexes(table)}
+
+    return await conn.run_sync(read)

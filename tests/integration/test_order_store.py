@@ -38,6 +38,7 @@ from order_service.store import (
     upgrade_schema,
 )
 from tests.factories import make_address, make_line
+from tests.storage import index_names
 
 pytestmark = pytest.mark.integration
 
@@ -640,8 +641,7 @@ async def test_an_older_orders_table_gets_the_idempotency_key_and_settled_mark(
         await settle(engine, PLACED_AT + timedelta(hours=1))  # nobody expected: answered
         assert await unsettled(engine) == set()
         async with engine.connect() as conn:
-            indexes = await conn.run_sync(
-                lambda sync: {ix["name"] for ix in sa.inspect(sync).get_indexes("orders")})
+            indexes = await index_names(conn, "orders")
         assert {"uq_orders_idempotency", "ix_orders_unsettled"} <= indexes
     finally:
         await engine.dispose()
@@ -652,20 +652,16 @@ async def test_an_older_database_loses_the_redundant_deliveries_index(db_url: st
     subscriber, outcome) that starts with it: the upgrade drops it (twice is harmless) and
     receipts are still kept once per (event, subscriber, outcome)."""
     engine = make_engine(db_url)
-
-    def indexes(sync: sa.Connection) -> set[str]:
-        return {str(ix["name"]) for ix in sa.inspect(sync).get_indexes("deliveries")}
-
     try:
         await create_tables(engine, metadata)
         async with engine.begin() as conn:
             await conn.execute(sa.text(
                 "CREATE INDEX ix_deliveries_event_id ON deliveries (event_id)"))
-            assert "ix_deliveries_event_id" in await conn.run_sync(indexes)
+            assert "ix_deliveries_event_id" in await index_names(conn, "deliveries")
         await upgrade_schema(engine)
         await upgrade_schema(engine)
         async with engine.begin() as conn:
-            assert "ix_deliveries_event_id" not in await conn.run_sync(indexes)
+            assert "ix_deliveries_event_id" not in await index_names(conn, "deliveries")
             receipt = DeliveryReceipt(subscriber="inventory", queue="inventory.order.placed",
                                       handled_event_id=str(uuid.uuid4()),
                                       handled_event_type="OrderPlaced", outcome="handled",
