@@ -28,10 +28,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.allocator import return_freed_memory, trim_forever
-from common.broker import Publisher, connect, instance_name
+from common.broker import ORIGINAL_USER, Publisher, connect, instance_name, sender_of
 from common.commit import GroupCommit
 from common.db import create_tables, is_sqlite, make_engine
-from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAnnounced
+from common.events import (
+    KIT_EVENTS,
+    DeliveryReceipt,
+    DeliveryReceipts,
+    Event,
+    SubscriberAnnounced,
+)
 from common.logging import delivery_context, get_logger
 from common.outbox import (
     KIT_LATER_INDEXES,
@@ -117,6 +123,7 @@ class Runtime(Generic[StoreT]):
         self.publisher: Publisher | None = None
         self.relay: Relay | None = None
         self.instance = instance_name(spec.name)
+        self._produces = frozenset({*spec.produces, *KIT_EVENTS})
         # SQLite has one writer at a time: serialise our own writers instead of letting them
         # fail with "database is locked"; PostgreSQL needs no such lock.
         self.write_lock = asyncio.Lock() if is_sqlite(engine) else _NullLock()
@@ -144,6 +151,11 @@ class Runtime(Generic[StoreT]):
         return events
 
     def _stamp(self, event: Event) -> Event:
+        if type(event) not in self._produces:
+            # Here, not at the broker: a user of its own would be refused the publish, and
+            # the event would wait in the outbox forever.
+            raise TypeError(f"{self.spec.name} produced {event.event_type}, which its "
+                            f"ServiceSpec does not list in `produces`")
         if event.producer:
             return event
         return event.model_copy(update={"producer": self.spec.name})
@@ -247,11 +259,14 @@ class ServiceRunner(Generic[StoreT]):
         return self.runtime.connection
 
     async def _declare_audit(self) -> None:
-        """Every service declares the audit exchange and the tracker's queue, so receipts
-        and announcements are kept even before the tracker first runs."""
+        """The audit exchange, and the tracker's queue so that receipts and announcements
+        are kept even before the tracker first runs. A service with a broker user of its
+        own may not declare another's queue: `shop broker setup` declares it then."""
         channel = await self._connection().channel()
         exchange = await self.topology.declare_event_exchange(channel, SubscriberAnnounced)
-        await self.topology.declare_subscriber_queue(channel, self.topology.audit_queue, exchange)
+        if not self.settings.authenticated:
+            await self.topology.declare_subscriber_queue(channel, self.topology.audit_queue,
+                                                         exchange)
         await channel.close()
 
     async def _consume(self, sub: Subscription[StoreT]) -> None:
@@ -611,13 +626,19 @@ class ServiceRunner(Generic[StoreT]):
             "x-original-exchange": old.get("x-original-exchange") or message.exchange or "",
             "x-attempts": attempts,
         })
+        # Who really sent it travels with the copy, for the check when it comes back and for
+        # an operator's replay; a header the sender set itself is never kept.
+        headers.pop(ORIGINAL_USER, None)
+        if (sender := sender_of(message, rt.publisher.user_id)) is not None:
+            headers[ORIGINAL_USER] = sender
         retrying = retry and attempts <= len(self.topology.retry_delays)
+        exchange = self.topology.dead_letter_exchange(sub.queue)
         if retrying:
-            exchange, target = "", self.topology.retry_queue(sub.queue, attempts)
+            target = self.topology.retry_queue(sub.queue, attempts)
         else:
             if retry:
                 headers["x-error-reason"] = "retries_exhausted"
-            exchange, target = self.topology.dead_letter_exchange, self.topology.dlq(sub.queue)
+            target = self.topology.dlq(sub.queue)
         try:
             await rt.publisher.publish_raw(exchange, target, message.body, headers, message)
         except Exception:
@@ -766,9 +787,10 @@ async def run_service(spec: ServiceSpec[StoreT], settings: ServiceSettings,
         loop.add_signal_handler(sig, stopping.set)
     configure_tracing(spec.name, settings.otel_traces_exporter)
     try:
-        start_metrics_server(settings.metrics_port, spec.name)
+        start_metrics_server(settings.metrics_host, settings.metrics_port, spec.name)
     except OSError as exc:  # a taken port must not stop the service from working
-        log.warning("metrics not served", port=settings.metrics_port, error=str(exc))
+        log.warning("metrics not served", host=settings.metrics_host,
+                    port=settings.metrics_port, error=str(exc))
     runner = ServiceRunner(spec, settings)
     start = asyncio.create_task(runner.__aenter__())
     stop_wait = asyncio.create_task(stopping.wait())

@@ -31,6 +31,10 @@ class ServiceSpec(Generic[StoreT]):
     store: Callable[[AsyncConnection], StoreT]
     #: The service's own tables, created at start-up.
     metadata: MetaData
+    #: The events its handlers (and extras, such as an API) produce; receipts and
+    #: announcements are the kit's. The kit refuses to store any other, and its broker user
+    #: may publish these and no more (`common.access`).
+    produces: tuple[type[Event], ...] = ()
     #: Runs once after the tables exist (seed data, for example).
     on_start: Callable[[AsyncEngine], Awaitable[None]] | None = None
     #: Extra handlers on the audit queue (receipts, announcements); only the tracker has them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from common.events import OrderPlaced
 from common.logging import configure_logging
 from common.runner import run_service
 from common.service import ServiceSpec
@@ -17,6 +18,7 @@ SPEC = ServiceSpec(
     handlers=HANDLERS,
     store=OrderStore,
     metadata=metadata,
+    produces=(OrderPlaced,),
     on_start=upgrade_schema,
     audit_handlers=AUDIT_HANDLERS,
     keep_receipts=OrderStore.record_deliveries,
