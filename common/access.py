@@ -76,6 +76,12 @@ def grant_for(spec: ServiceSpec[Any], topology: Topology, *, observer: bool = Fa
     if spec.audit_handlers:
         queues.append(topology.audit_queue)
     own = [pattern for queue in queues for pattern in _own(queue, topology)]
+    # Consuming needs read on the queue; binding, read on the exchange bound from; declaring
+    # a queue with a dead-letter exchange, read on the queue. Its own dead letters are an
+    # operator's to read.
+    consumable = [pattern for queue in queues
+                  for pattern in (_exact(queue), _exact(queue) + r"\.retry\..+",
+                                  _exact(topology.dead_letter_exchange(queue)))]
     audit = _exact(topology.audit_exchange)
     consumed = [_exact(topology.exchange(cls)) for cls in (*spec.handlers, *spec.audit_handlers)]
     produced = [_exact(topology.exchange(cls)) for cls in spec.produces]
@@ -84,7 +90,7 @@ def grant_for(spec: ServiceSpec[Any], topology: Topology, *, observer: bool = Fa
         user=f"{topology.prefix}{spec.name}",
         configure=_any_of([*own, *consumed, *produced, audit]),
         write=_any_of([*own, *produced, audit]),
-        read=_any_of([*own, *consumed]),
+        read=_any_of([*consumable, *consumed]),
         tags=("monitoring",) if observer else (),
     )
 

@@ -189,6 +189,11 @@ class ServiceRunner(Generic[StoreT]):
     def __init__(self, spec: ServiceSpec[StoreT], settings: ServiceSettings, *,
                  broker_wait: float | None = None, shutdown_timeout: float | None = None
                  ) -> None:
+        if settings.authenticated and settings.service_name != spec.name:
+            # Its broker user is named after the settings, its grant after the spec.
+            raise ValueError(f"service {spec.name!r} runs with the settings of "
+                             f"{settings.service_name!r}: give it a settings class whose "
+                             f"service_name is {spec.name!r}")
         self.spec = spec
         self.settings = settings
         self.topology = Topology(settings.name_prefix, delivery_limit=settings.delivery_limit,
