@@ -35,6 +35,7 @@ from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAn
 from common.logging import delivery_context, get_logger
 from common.outbox import (
     KIT_LATER_INDEXES,
+    RECEIPTS_PER_MESSAGE,
     Relay,
     add_to_outbox,
     claim,
@@ -538,8 +539,10 @@ class ServiceRunner(Generic[StoreT]):
     async def _keep_receipts(self, conn: AsyncConnection, sub: Subscription[StoreT],
                              receipts: Sequence[DeliveryReceipt]) -> list[Event]:
         """The receipts to publish with the transaction's other events: one message for a
-        batch. A service that keeps receipts itself (the tracker) stores its own in this
-        transaction instead: a message to itself would only cost a round trip."""
+        batch (of up to RECEIPTS_PER_MESSAGE, which keeps it far below any subscriber's
+        SHOP_MAX_MESSAGE_BYTES). A service that keeps receipts itself (the tracker) stores
+        its own in this transaction instead: a message to itself would only cost a round
+        trip."""
         if not receipts:
             return []
         if self.spec.keep_receipts is not None:
@@ -548,7 +551,9 @@ class ServiceRunner(Generic[StoreT]):
         if len(receipts) == 1:
             return [receipts[0]]
         return [DeliveryReceipts(subscriber=self.spec.name, queue=sub.queue,
-                                 receipts=tuple(receipts), producer=self.spec.name)]
+                                 receipts=tuple(receipts[i:i + RECEIPTS_PER_MESSAGE]),
+                                 producer=self.spec.name)
+                for i in range(0, len(receipts), RECEIPTS_PER_MESSAGE)]
 
     def _receipts_work(self, sub: Subscription[StoreT],
                        receipts: Sequence[DeliveryReceipt]) -> Work:

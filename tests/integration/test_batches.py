@@ -38,24 +38,25 @@ async def preload(amqp: aio_pika.abc.AbstractRobustConnection, prefix: str,
 
 
 async def audit_messages(amqp: aio_pika.abc.AbstractRobustConnection, runtime: Runtime[Any],
-                         until: int) -> tuple[int, list[DeliveryReceipt]]:
-    """Drain the audit queue until `until` receipts arrived: (messages, receipts)."""
+                         until: int) -> tuple[list[int], list[DeliveryReceipt]]:
+    """Drain the audit queue until `until` receipts arrived: (the body size of each message
+    that carried any, receipts)."""
     channel = await amqp.channel()
     audit = await channel.declare_queue(runtime.topology.audit_queue, passive=True)
     found: list[DeliveryReceipt] = []
-    carriers: list[int] = []  # receipts per message that carried any
+    carriers: list[int] = []  # the size of each message that carried receipts
 
     async def collect() -> bool:
         while (message := await audit.get(fail=False)) is not None:
             await message.ack()
             if receipts := receipts_in(message):
-                carriers.append(len(receipts))
+                carriers.append(len(message.body))
                 found.extend(receipts)
         return len(found) >= until
 
     await wait_for(collect, what=f"{until} receipts", timeout=30)
     await channel.close()
-    return len(carriers), found
+    return carriers, found
 
 
 async def test_a_backlog_is_handled_in_batches_with_one_receipts_message_each(
@@ -72,7 +73,23 @@ async def test_a_backlog_is_handled_in_batches_with_one_receipts_message_each(
     assert Counter(r.handled_event_id for r in receipts) == Counter(
         str(o.event_id) for o in orders)
     assert {r.outcome for r in receipts} == {"handled"}
-    assert messages <= len(orders) // 4, f"{messages} receipt messages for 200 deliveries"
+    assert len(messages) <= len(orders) // 4, f"{len(messages)} receipt messages for 200"
+
+
+async def test_a_big_batch_sends_its_receipts_in_messages_of_at_most_256_kib(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection,
+        name_prefix: str) -> None:
+    """600 orders handled as one batch (their receipts take some 330 KB): the receipts come
+    in messages of at most 256 KiB, below the smallest message size limit (512 KiB)."""
+    orders = [an_order() for _ in range(600)]
+    await preload(amqp, name_prefix, list(orders))
+    runtime = await start_service(PROBE, prefetch=1200, batch_linger_ms=300)
+    sizes, receipts = await audit_messages(amqp, runtime, until=len(orders))
+    assert max(Counter(r.received_at for r in receipts).values()) > 500, "one big batch"
+    assert len(sizes) >= 2
+    assert max(sizes) <= 256 * 1024, sizes
+    assert Counter(r.handled_event_id for r in receipts) == Counter(
+        str(o.event_id) for o in orders)
 
 
 async def test_one_failing_delivery_in_a_batch_leaves_the_others_committed_once(

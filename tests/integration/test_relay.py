@@ -1,22 +1,34 @@
-"""The outbox relay on a real broker: a stuck event holds up only its own order's events."""
+"""The outbox relay on a real broker: a stuck event holds up only its own order's events;
+receipts travel in bounded messages."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.events import Event, ReservedLine, StockReserved
+from common.events import DeliveryReceipt, DeliveryReceipts, Event, ReservedLine, StockReserved
 from common.outbox import outbox
+from common.runner import Runtime
 from tests.factories import make_order
-from tests.integration.support import StartService, wait_for
+from tests.integration.support import StartService, receipts_in, wait_for
 from tests.integration.test_kit import PROBE, effect_count
 
 pytestmark = pytest.mark.integration
+
+
+async def commit(runtime: Runtime[Any], *events: Event) -> None:
+    """Commit `events` to the outbox in one transaction, as a handler's would be."""
+    async def work(_conn: AsyncConnection) -> Sequence[Event]:
+        return list(events)
+
+    await runtime.execute(work)
 
 
 async def test_an_unroutable_event_waits_without_blocking_other_orders(
@@ -29,15 +41,8 @@ async def test_an_unroutable_event_waits_without_blocking_other_orders(
     order_a, order_b = make_order(), make_order()
     stuck = StockReserved(order_id=order_a.order_id, correlation_id=str(order_a.order_id),
                           lines=(ReservedLine(sku="SKU-1", quantity=1),))
-
-    async def commit(*events: Event) -> None:
-        async def work(_conn: AsyncConnection) -> Sequence[Event]:
-            return list(events)
-
-        await runtime.execute(work)
-
-    await commit(stuck, order_a)
-    await commit(order_b)
+    await commit(runtime, stuck, order_a)
+    await commit(runtime, order_b)
     await wait_for(lambda: effect_count(runtime, order_b.order_id), what="order B's effect")
     assert await effect_count(runtime, order_a.order_id) == 0
 
@@ -76,11 +81,7 @@ async def test_events_of_one_order_are_published_in_commit_order(
     events = [StockReserved(order_id=order_id, correlation_id=str(order_id),
                             lines=(ReservedLine(sku=f"SKU-{n}", quantity=n),))
               for n in range(1, 21)]
-
-    async def work(_conn: AsyncConnection) -> Sequence[Event]:
-        return events
-
-    await runtime.execute(work)
+    await commit(runtime, *events)
     received: list[str] = []
 
     async def drain() -> bool:
@@ -92,3 +93,36 @@ async def test_events_of_one_order_are_published_in_commit_order(
 
     await wait_for(drain, what="all 20 events")
     assert received == [str(e.event_id) for e in events]
+
+
+async def test_receipts_waiting_together_go_out_in_messages_of_bounded_size(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection) -> None:
+    """Stored receipts of 800 deliveries, flushed together, arrive whole and once, in
+    several messages of at most 256 KiB each, far below the smallest message limit."""
+    runtime = await start_service(PROBE)
+    now = datetime.now(UTC)
+    rows = [DeliveryReceipts(subscriber="probe", queue="q", producer="probe", receipts=tuple(
+        DeliveryReceipt(subscriber="probe", queue="q", handled_event_id=str(uuid.uuid4()),
+                        handled_event_type="OrderPlaced", outcome="handled",
+                        received_at=now, duration_ms=1.0, producer="probe")
+        for _ in range(200))) for _ in range(4)]
+    await commit(runtime, *rows)
+    channel = await amqp.channel()
+    audit = await channel.declare_queue(runtime.topology.audit_queue, passive=True)
+    sizes: list[int] = []
+    found: list[str | None] = []
+
+    async def collect() -> bool:
+        while (message := await audit.get(fail=False)) is not None:
+            await message.ack()
+            if receipts := receipts_in(message):
+                sizes.append(len(message.body))
+                found.extend(r.handled_event_id for r in receipts)
+        return len(found) >= 800
+
+    await wait_for(collect, what="800 receipts")
+    assert sorted(found, key=str) == sorted(
+        (r.handled_event_id for row in rows for r in row.receipts), key=str)
+    assert len(sizes) >= 2
+    assert max(sizes) <= 256 * 1024, sizes
+    await channel.close()
