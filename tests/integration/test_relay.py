@@ -1,5 +1,5 @@
-"""The outbox relay on a real broker: a stuck event holds up only its own order's events;
-receipts travel in bounded messages."""
+"""The outbox relay on a real broker: a stuck or refused event holds up only its own order's
+events and goes out once it can; receipts travel in bounded messages."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ async def commit(runtime: Runtime[Any], *events: Event) -> None:
         return list(events)
 
     await runtime.execute(work)
+
+
+async def outbox_row(runtime: Runtime[Any], event: Event) -> Any:
+    async with runtime.engine.connect() as conn:
+        return (await conn.execute(select(outbox).where(
+            outbox.c.event_id == str(event.event_id)))).one()
 
 
 async def test_an_unroutable_event_waits_without_blocking_other_orders(
@@ -93,6 +99,49 @@ async def test_events_of_one_order_are_published_in_commit_order(
 
     await wait_for(drain, what="all 20 events")
     assert received == [str(e.event_id) for e in events]
+
+
+async def test_a_publish_the_broker_refuses_stays_unsent_until_the_broker_accepts_it(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection) -> None:
+    """A queue bound to the exchange that is full with `x-overflow: reject-publish` makes the
+    broker nack the publish: the row stays unsent and is retried; once the queue is gone,
+    it goes out."""
+    runtime = await start_service(PROBE)
+    channel = await amqp.channel()
+    exchange = await channel.declare_exchange(runtime.topology.exchange(StockReserved),
+                                              aio_pika.ExchangeType.FANOUT, durable=True)
+    runtime.topology.declared_exchanges.append(exchange.name)
+    watch = await channel.declare_queue(f"{runtime.topology.prefix}watch.stock.reserved",
+                                        exclusive=True)
+    await watch.bind(exchange)
+    full = await channel.declare_queue(
+        f"{runtime.topology.prefix}full.stock.reserved", exclusive=True,
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    await full.bind(exchange)
+    order_id = uuid.uuid4()
+    event = StockReserved(order_id=order_id, correlation_id=str(order_id),
+                          lines=(ReservedLine(sku="SKU-1", quantity=1),))
+    await commit(runtime, event)
+
+    async def refused_twice() -> bool:
+        row = await outbox_row(runtime, event)
+        assert row.sent_at is None, "a publish the broker refused was marked sent"
+        return bool(row.attempts >= 2)
+
+    await wait_for(refused_twice, what="the relay to be refused twice")
+    await full.delete(if_unused=False, if_empty=False)
+
+    async def sent() -> bool:
+        return (await outbox_row(runtime, event)).sent_at is not None
+
+    await wait_for(sent, timeout=15, what="the row to go out once the broker accepts it")
+    row = await outbox_row(runtime, event)
+    assert "Nack" in (row.last_error or ""), "the broker's refusal was recorded"
+    # Each refused publish still reached the queues with room: at least once, by event id.
+    message = await watch.get(fail=False)
+    assert message is not None
+    assert message.message_id == str(event.event_id)
+    await channel.close()
 
 
 async def test_receipts_waiting_together_go_out_in_messages_of_bounded_size(
