@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -74,11 +75,28 @@ Currency = Annotated[
     AfterValidator(_upper),
     Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217 currency code.", examples=["EUR"]),
 ]
+#: Money's limits: never negative, at most MONEY_DIGITS digits, MONEY_PLACES of them after
+#: the point; MONEY_MAX is the largest amount (999999999999.99).
+MONEY_DIGITS = 14
+MONEY_PLACES = 2
+MONEY_MAX = Decimal(10) ** (MONEY_DIGITS - MONEY_PLACES) - Decimal(10) ** -MONEY_PLACES
+#: An amount written as text: digits, then at most two decimals after a point.
+MONEY_PATTERN = rf"^[0-9]{{1,{MONEY_DIGITS - MONEY_PLACES}}}(\.[0-9]{{1,{MONEY_PLACES}}})?$"
 Money = Annotated[
     Decimal,
-    Field(ge=0, max_digits=14, decimal_places=2, description="An amount in the order's currency.",
+    Field(ge=0, max_digits=MONEY_DIGITS, decimal_places=MONEY_PLACES,
+          description=f"An amount in the order's currency: 0 to {MONEY_MAX}, at most "
+                      f"{MONEY_PLACES} decimal places; a string (\"19.99\") or a number.",
           examples=["19.99"]),
+    # Pydantic's schema for a Decimal names neither the digits nor the places: say them, as
+    # JSON Schema can (a reader of the OpenAPI document should not learn them from a 422).
+    WithJsonSchema({"anyOf": [
+        {"type": "string", "pattern": MONEY_PATTERN},
+        {"type": "number", "minimum": 0, "maximum": float(MONEY_MAX),
+         "multipleOf": float(Decimal(10) ** -MONEY_PLACES)},
+    ]}, mode="validation"),
 ]
+Quantity = Annotated[int, Field(ge=1, le=10_000, description="How many units.", examples=[2])]
 
 
 class Model(BaseModel):
@@ -91,7 +109,7 @@ class OrderLine(Model):
     """One line of an order: a quantity of one SKU sold by one seller."""
 
     sku: Sku
-    quantity: int = Field(ge=1, le=10_000, description="How many units.", examples=[2])
+    quantity: Quantity
     unit_price: Money
     seller_id: SellerId
 
@@ -101,7 +119,13 @@ class OrderLine(Model):
 
 
 class Address(Model):
-    """Where the order ships to."""
+    """Where the order ships to.
+
+    Its text is not checked for control characters here: the order service refuses them where
+    a customer submits an order (`order_service.domain.NewOrder`), and a reader that refused
+    them (a subscriber, the order service reading its own orders) would turn the orders
+    accepted before that check into poison.
+    """
 
     name: str = Field(min_length=1, max_length=200, description="Recipient.",
                       examples=["Ada Lovelace"])

@@ -185,6 +185,13 @@ _CLAIMS = {
 #: Flushes the relay runs at once (each up to `batch` rows, awaiting its confirms).
 _MAX_FLUSHES = 4
 
+#: Receipts messages stay far below the smallest SHOP_MAX_MESSAGE_BYTES (512 KiB), or the
+#: tracker would park them as poison: a batch's receipts (about 600 bytes each) go out in
+#: messages of at most this many, and the relay merges stored receipts rows into one
+#: message only up to `_RECEIPTS_MESSAGE_BYTES` of them.
+RECEIPTS_PER_MESSAGE = 256
+_RECEIPTS_MESSAGE_BYTES = 256 * 1024
+
 
 @dataclass
 class _Batch:
@@ -195,6 +202,21 @@ class _Batch:
     ids: set[int] = field(default_factory=set)
     #: It took as many rows as a flush may: more may be due behind them.
     full: bool = False
+
+
+@dataclass
+class _Receipts:
+    """One receipts message the relay makes of stored rows: their receipts of one queue."""
+
+    receipts: list[DeliveryReceipt] = field(default_factory=list)
+    rows: list[Any] = field(default_factory=list)
+    #: The stored size of those rows, which the message's body roughly equals.
+    size: int = 0
+
+    def add(self, row: Any, receipts: Sequence[DeliveryReceipt]) -> None:
+        self.receipts.extend(receipts)
+        self.rows.append(row)
+        self.size += len(row.body)
 
 
 class Relay:
@@ -394,32 +416,39 @@ class Relay:
 
     async def _publish_receipts(self, rows: list[Any]
                                 ) -> tuple[list[int], list[tuple[Any, BaseException]]]:
-        """Publish the receipts of several transactions as one message per queue.
+        """Publish the receipts of several transactions as few messages per queue.
 
         Under load the relay finds several commits' receipts at once: one message each
-        would cost the broker and the tracker as much as the events they report on.
+        would cost the broker and the tracker as much as the events they report on. A
+        message takes rows up to `_RECEIPTS_MESSAGE_BYTES`, so however many wait (after an
+        outage, say), none grows past what the tracker reads.
         """
         if len(rows) <= 1:
             return await self._publish_in_order(rows)
-        groups: dict[tuple[str, str], tuple[list[DeliveryReceipt], list[Any]]] = {}
+        groups: dict[tuple[str, str], list[_Receipts]] = {}
         for row in rows:
+            mine: dict[tuple[str, str], list[DeliveryReceipt]] = {}
             for receipt in receipts_of(EVENT_TYPES[row.event_type].model_validate_json(row.body)):
-                found, sources = groups.setdefault((receipt.subscriber, receipt.queue), ([], []))
-                found.append(receipt)
-                if not sources or sources[-1] is not row:
-                    sources.append(row)
+                mine.setdefault((receipt.subscriber, receipt.queue), []).append(receipt)
+            for key, receipts in mine.items():
+                messages = groups.setdefault(key, [])
+                if not messages or messages[-1].size + len(row.body) > _RECEIPTS_MESSAGE_BYTES:
+                    messages.append(_Receipts())
+                messages[-1].add(row, receipts)
         sent: list[int] = []
         failures: list[tuple[Any, BaseException]] = []
-        for (subscriber, queue), (found, sources) in groups.items():
-            event = DeliveryReceipts(subscriber=subscriber, queue=queue, receipts=tuple(found),
-                                     producer=self._service)
-            try:
-                await self._publisher.publish(event)
-            except Exception as exc:  # each row it came from waits out a backoff
-                failures.extend((row, exc) for row in sources)
-            else:
-                sent.extend(row.id for row in sources)
-        # A row whose receipts span two queues is sent only when both went out.
+        for (subscriber, queue), messages in groups.items():
+            for message in messages:
+                event = DeliveryReceipts(subscriber=subscriber, queue=queue,
+                                         receipts=tuple(message.receipts),
+                                         producer=self._service)
+                try:
+                    await self._publisher.publish(event)
+                except Exception as exc:  # each row it came from waits out a backoff
+                    failures.extend((row, exc) for row in message.rows)
+                else:
+                    sent.extend(row.id for row in message.rows)
+        # A row whose receipts span two messages is sent only when both went out.
         failed = {row.id for row, _ in failures}
         return [i for i in dict.fromkeys(sent) if i not in failed], failures
 

@@ -41,6 +41,7 @@ from common.events import (
 from common.logging import delivery_context, get_logger
 from common.outbox import (
     KIT_LATER_INDEXES,
+    RECEIPTS_PER_MESSAGE,
     Relay,
     add_to_outbox,
     claim,
@@ -67,7 +68,11 @@ Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]
 
 
 class PoisonMessageError(Exception):
-    """A delivery no retry can fix: not JSON, not the event's schema, unknown type."""
+    """A delivery no retry can fix: too large, not JSON, not the event's schema, unknown type."""
+
+
+class MessageTooLargeError(PoisonMessageError):
+    """A body over `SHOP_MAX_MESSAGE_BYTES`, refused before it is parsed."""
 
 
 @dataclass(frozen=True)
@@ -82,24 +87,48 @@ class Subscription(Generic[StoreT]):
 
 
 def decode(message: AbstractIncomingMessage,
-           handlers: Mapping[str, tuple[type[Event], Handler[Any]]]) -> tuple[Event, Handler[Any]]:
-    """The event in a delivery and its handler, or PoisonMessageError saying what is wrong."""
+           handlers: Mapping[str, tuple[type[Event], Handler[Any]]], *,
+           max_bytes: int | None = None) -> tuple[Event, Handler[Any]]:
+    """The event in a delivery and its handler, or PoisonMessageError saying what is wrong.
+
+    Checks on the delivery come first, before a byte of the body is parsed. Then whatever
+    reading the body raises is poison for this one delivery, never an error that escapes to
+    its batch: `json.loads` raises RecursionError on deep nesting and ValueError on a number
+    of thousands of digits, and a model's validator may raise anything.
+    """
+    size = len(message.body)
+    if max_bytes is not None and size > max_bytes:
+        raise MessageTooLargeError(f"body is {size:,} bytes, over the limit of "
+                                   f"{max_bytes:,} bytes (SHOP_MAX_MESSAGE_BYTES)")
     known = handlers.get(message.type or "")
     if known is not None:
         # The usual case, in one pass of pydantic's JSON parser; the slow path below only
         # runs to say what is wrong with a body that does not fit.
-        with contextlib.suppress(ValidationError):
+        with contextlib.suppress(Exception):
             return known[0].model_validate_json(message.body), known[1]
     try:
+        return _diagnose(message, handlers)
+    except PoisonMessageError:
+        raise
+    except Exception as exc:  # a validator's own exception, say: still this body's fault
+        raise PoisonMessageError(
+            f"body could not be read: {type(exc).__name__}: {exc}") from exc
+
+
+def _diagnose(message: AbstractIncomingMessage,
+              handlers: Mapping[str, tuple[type[Event], Handler[Any]]]
+              ) -> tuple[Event, Handler[Any]]:
+    """The slow path of `decode`: parse the body step by step to say where it goes wrong."""
+    try:
         payload = json.loads(message.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 and bad JSON
         raise PoisonMessageError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise PoisonMessageError(f"body is JSON {type(payload).__name__}, not an object")
     event_type = payload.get("event_type") or message.type
     if not isinstance(event_type, str) or event_type not in handlers:
         raise PoisonMessageError(f"unknown event type {event_type!r} on this queue "
-                            f"(expected one of {', '.join(sorted(handlers))})")
+                                 f"(expected one of {', '.join(sorted(handlers))})")
     cls, handler = handlers[event_type]
     try:
         return cls.model_validate(payload), handler
@@ -107,7 +136,7 @@ def decode(message: AbstractIncomingMessage,
         errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
                            for e in exc.errors()[:10])
         raise PoisonMessageError(f"does not match {event_type} schema v"
-                            f"{payload.get('schema_version', '?')}: {errors}") from exc
+                                 f"{payload.get('schema_version', '?')}: {errors}") from exc
 
 
 class Runtime(Generic[StoreT]):
@@ -378,33 +407,41 @@ class ServiceRunner(Generic[StoreT]):
             del pending[:len(batch)]
             try:
                 await self._deliver_batch(sub, batch)
-            except Exception:  # a bug of ours: never lose the deliveries, never stop draining
-                log.exception("could not settle a batch; returning it to the queue",
+            except Exception:
+                # A bug of ours outside any one delivery's path. Returning the whole batch
+                # to the queue would send deliveries that are fine round with it, again and
+                # again, until the broker's delivery limit parks them all with no receipt:
+                # the ones not settled yet go their own way instead. (The batch's `multiple`
+                # ack is its last step and never raises, so `processed` is true exactly of
+                # the settled ones.)
+                log.exception("could not settle a batch; settling its deliveries one by one",
                               queue=sub.queue, size=len(batch))
                 for message in batch:
-                    with contextlib.suppress(Exception):
-                        await message.nack(requeue=True)
+                    if not message.processed:
+                        await self._deliver_alone(sub, message)
 
     async def _deliver_batch(self, sub: Subscription[StoreT],
                              messages: Sequence[AbstractIncomingMessage]) -> None:
         """Handle deliveries of one queue in one transaction, in their order, then ack them.
 
-        A delivery that cannot be decoded goes to its dead-letter queue on its own. If any
-        handler of the batch fails (or a replica committed one of its events first) nothing
-        of the batch was committed, and each delivery is handled again on its own, so a
-        failure retries or parks only its own delivery.
+        Each delivery's fate is its own; only the transaction is shared. A delivery that
+        cannot be decoded goes to its dead-letter queue on its own. If any handler of the
+        batch fails (or a replica committed one of its events first) nothing of the batch
+        was committed, and each delivery is handled again on its own, so a failure retries
+        or parks only its own delivery. The ack comes last, once nothing else can fail: a
+        delivery is settled by it or by its own path, never by both.
         """
         if len(messages) == 1:
-            await self._deliver(sub, messages[0])
+            await self._deliver_alone(sub, messages[0])
             return
         started = time.perf_counter()
         received_at = utcnow()
         decoded: list[tuple[AbstractIncomingMessage, Event, Handler[StoreT]]] = []
         for message in messages:
             try:
-                event, handler = decode(message, sub.handlers)
-            except PoisonMessageError:
-                await self._deliver(sub, message)  # decodes again, and dead-letters it
+                event, handler = self._decode(sub, message)
+            except PoisonMessageError as exc:
+                await self._deliver_alone(sub, message, poison=exc)
                 continue
             decoded.append((message, event, handler))
         if not decoded:
@@ -416,9 +453,8 @@ class ServiceRunner(Generic[StoreT]):
                      queue=sub.queue, size=len(decoded),
                      error=f"{type(exc).__name__}: {exc}"[:500])
             for message, _event, _handler in decoded:
-                await self._deliver(sub, message)
+                await self._deliver_alone(sub, message)
             return
-        await _ack_all([m for m, _, _ in decoded])
         elapsed = time.perf_counter() - started
         counts = Counter((event.event_type, outcome)
                          for (_message, event, _handler), outcome in zip(decoded, outcomes,
@@ -431,6 +467,12 @@ class ServiceRunner(Generic[StoreT]):
                 seconds.observe(elapsed)
         log.debug("batch handled", queue=sub.queue, size=len(decoded),
                   duration_ms=round(elapsed * 1000, 2))
+        await _ack_all([m for m, _, _ in decoded])
+
+    def _decode(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
+                ) -> tuple[Event, Handler[StoreT]]:
+        """The event in a delivery and its handler, with this service's limits."""
+        return decode(message, sub.handlers, max_bytes=self.settings.max_message_bytes)
 
     async def _handle_batch(self, sub: Subscription[StoreT],
                             decoded: Sequence[tuple[AbstractIncomingMessage, Event,
@@ -484,27 +526,47 @@ class ServiceRunner(Generic[StoreT]):
         await self.runtime.execute(work, traces)
         return outcomes
 
-    async def _deliver(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
-                       ) -> None:
+    async def _deliver_alone(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
+                             poison: PoisonMessageError | None = None) -> None:
+        """Handle one delivery on its own; never raises.
+
+        Should settling it fail all the same (a bug of ours, a channel gone), only this
+        delivery goes back to its queue: the broker's delivery limit is its backstop, and
+        the deliveries around it are not sent round with it.
+        """
+        try:
+            await self._deliver(sub, message, poison)
+        except Exception:
+            log.exception("could not settle a delivery; returning it to its queue",
+                          queue=sub.queue, event_id=message.message_id)
+            with contextlib.suppress(Exception):  # already settled, or its channel is gone
+                await message.nack(requeue=True)
+
+    async def _deliver(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
+                       poison: PoisonMessageError | None = None) -> None:
         with process_span(sub.queue, message.message_id, message.type, self.spec.name,
                           message.headers):
-            outcome = await self._deliver_traced(sub, message)
+            outcome = await self._deliver_traced(sub, message, poison)
         event_type = message.type or "unknown"
         DELIVERIES.labels(self.spec.name, sub.queue, event_type, outcome).inc()
 
-    async def _deliver_traced(self, sub: Subscription[StoreT],
-                              message: AbstractIncomingMessage) -> str:
-        """Handle one delivery; returns its outcome for the metrics."""
+    async def _deliver_traced(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
+                              poison: PoisonMessageError | None) -> str:
+        """Handle one delivery (`poison`: why it was found unreadable already); returns its
+        outcome for the metrics."""
         started = time.perf_counter()
         received_at = utcnow()
-        try:
-            event, handler = decode(message, sub.handlers)
-        except PoisonMessageError as exc:
+        if poison is None:
+            try:
+                event, handler = self._decode(sub, message)
+            except PoisonMessageError as exc:
+                poison = exc
+        if poison is not None:
             with delivery_context(
                     event_id=message.message_id, event_type=message.type,
                     correlation_id=message.correlation_id, order_id=message.correlation_id):
-                return await self._fail(sub, message, reason="poison", error=exc, retry=False,
-                                        received_at=received_at, started=started)
+                return await self._fail(sub, message, reason="poison", error=poison,
+                                        retry=False, received_at=received_at, started=started)
         with delivery_context(
                 event_id=str(event.event_id), event_type=event.event_type,
                 correlation_id=event.correlation_id, order_id=event.order_key):
@@ -558,8 +620,10 @@ class ServiceRunner(Generic[StoreT]):
     async def _keep_receipts(self, conn: AsyncConnection, sub: Subscription[StoreT],
                              receipts: Sequence[DeliveryReceipt]) -> list[Event]:
         """The receipts to publish with the transaction's other events: one message for a
-        batch. A service that keeps receipts itself (the tracker) stores its own in this
-        transaction instead: a message to itself would only cost a round trip."""
+        batch (of up to RECEIPTS_PER_MESSAGE, which keeps it far below any subscriber's
+        SHOP_MAX_MESSAGE_BYTES). A service that keeps receipts itself (the tracker) stores
+        its own in this transaction instead: a message to itself would only cost a round
+        trip."""
         if not receipts:
             return []
         if self.spec.keep_receipts is not None:
@@ -568,7 +632,9 @@ class ServiceRunner(Generic[StoreT]):
         if len(receipts) == 1:
             return [receipts[0]]
         return [DeliveryReceipts(subscriber=self.spec.name, queue=sub.queue,
-                                 receipts=tuple(receipts), producer=self.spec.name)]
+                                 receipts=tuple(receipts[i:i + RECEIPTS_PER_MESSAGE]),
+                                 producer=self.spec.name)
+                for i in range(0, len(receipts), RECEIPTS_PER_MESSAGE)]
 
     def _receipts_work(self, sub: Subscription[StoreT],
                        receipts: Sequence[DeliveryReceipt]) -> Work:
@@ -660,10 +726,11 @@ class ServiceRunner(Generic[StoreT]):
                       reason=headers["x-error-reason"], attempts=attempts,
                       error=str(error)[:500])
         if sub.receipts:
-            receipt = self._receipt(sub, event, "retried" if retrying else "dead_lettered",
-                                    f"{type(error).__name__}: {error}"[:2000], received_at,
-                                    started, message, attempt=attempts)
+            # The delivery is settled by now: nothing here may send it round again.
             try:
+                receipt = self._receipt(sub, event, "retried" if retrying else "dead_lettered",
+                                        f"{type(error).__name__}: {error}"[:2000],
+                                        received_at, started, message, attempt=attempts)
                 await rt.execute(self._receipts_work(sub, [receipt]))
             except Exception:
                 log.exception("could not record the receipt of a failed delivery")

@@ -61,6 +61,14 @@ class ServiceSettings(BaseSettings):
         5.0, gt=0, validation_alias=_shared("SHOP_CONSUMER_CHECK_INTERVAL"),
         description="Seconds between checks that every queue still has our consumer.")
 
+    max_message_bytes: int = Field(
+        1_048_576, ge=524_288, validation_alias=_shared("SHOP_MAX_MESSAGE_BYTES"),
+        description="Largest body a subscriber reads; a larger delivery is dead-lettered at "
+                    "once, before it is parsed. The kit's own messages stay far below it (an "
+                    "OrderPlaced of 100 lines is about 20 KB, a receipts message at most "
+                    "256 KiB), hence the floor; a hostile body is refused before pydantic "
+                    "builds objects for it.")
+
     otel_traces_exporter: str | None = Field(
         None, validation_alias=_shared("OTEL_TRACES_EXPORTER"),
         description="otlp or console to export traces (OTEL_EXPORTER_OTLP_* configure otlp); "

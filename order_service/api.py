@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Generic, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import uvicorn
 from aio_pika.abc import AbstractConnection
-from fastapi import FastAPI, Header, HTTPException, Query, Response
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.events import Event, OrderPlaced
@@ -195,6 +201,81 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+#: How deep the 422's echo of the input goes; deeper containers are cut (a nested body can
+#: be as deep as the JSON decoder allows, and the answer must not be the one that fails).
+ECHO_DEPTH = 8
+
+
+def json_safe(value: Any, depth: int = ECHO_DEPTH) -> Any:
+    """`value` as JSON can carry it, whatever a client sent: NaN and infinities as the tokens
+    the client wrote, text UTF-8 cannot encode (lone surrogates) and bytes with backslash
+    escapes, any other object as its text."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else json.dumps(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, dict | list | tuple) and depth <= 0:
+        return "..."
+    if isinstance(value, dict):
+        return {json_safe(str(k)): json_safe(v, depth - 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v, depth - 1) for v in value]
+    return json_safe(str(value))
+
+
+def _not_json(why: str) -> JSONResponse:
+    return JSONResponse({"detail": f"the body is not valid JSON: {why}"}, status_code=400)
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+    """A request FastAPI could not validate: 400 when its body is not JSON at all, 415 when it
+    was not sent as JSON, else 422 with an error per field (the input echoed safely)."""
+    errors = exc.errors()
+    for error in errors:
+        if error.get("type") == "json_invalid" and isinstance(exc.body, str):
+            # A syntax error has no field to name: it is the request that is malformed.
+            position = int(error["loc"][-1])
+            line = exc.body.count("\n", 0, position) + 1
+            column = position - exc.body.rfind("\n", 0, position)
+            return _not_json(f"{error.get('ctx', {}).get('error')} at line {line}, "
+                             f"column {column}")
+    if isinstance(exc.body, bytes):
+        # FastAPI reads a body as JSON only when its Content-Type says so.
+        sent = request.headers.get("content-type")
+        said = f"this request's is {sent!r}" if sent else "this request had none"
+        return JSONResponse({"detail": "send the body as JSON, with Content-Type: "
+                                       f"application/json ({said})"}, status_code=415)
+    return JSONResponse({"detail": json_safe(errors)}, status_code=422)
+
+
+async def http_problem(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's answer to an HTTPException, with two things put right: a 405's `Allow`
+    names every method of the path (not only those of the first route on it), and a body
+    FastAPI could not decode says why.
+
+    OPTIONS gets that 405 too, rather than a 204: the API serves no CORS, so all an OPTIONS
+    answer could say is what `Allow` says, and every method it answers stays a route of its
+    own, with whatever checks the routes have.
+    """
+    if exc.status_code == 405:
+        allowed = {method for route in request.app.router.routes if isinstance(route, Route)
+                   and route.matches(request.scope)[0] is not Match.NONE
+                   for method in route.methods or ()}
+        exc = StarletteHTTPException(405, exc.detail, headers={
+            **(exc.headers or {}), "Allow": ", ".join(sorted(allowed))})
+    elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        cause = exc.__cause__
+        return _not_json(f"it is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at "
+                         f"offset {cause.start})")
+    elif exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        return _not_json("it is nested too deeply")
+    return await http_exception_handler(request, exc)
+
+
 async def settle_answered(rt: OrderRuntime, now: datetime, cutoff: datetime) -> None:
     """Mark settled the orders answered since the last look (`OrderStore.settle_answered`),
     a chunk per transaction, so the late-orders scan that follows reads only the rest."""
@@ -223,6 +304,8 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
                     "order's OrderPlaced, which failed and why, and the domain outcomes.",
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.exception_handler(RequestValidationError)(invalid_request)
+    app.exception_handler(StarletteHTTPException)(http_problem)
 
     late_after = timedelta(seconds=settings.late_after)
     recent: Recent[SystemReport] = Recent()
@@ -238,7 +321,11 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         return index_page()
 
     @app.post("/orders", status_code=202, response_model=OrderAccepted,
-              responses={413: {"model": Problem, "description": "Body too large."},
+              responses={400: {"model": Problem, "description":
+                                   "The body is not JSON (malformed, not UTF-8, nested too "
+                                   "deeply), or its Content-Length is invalid."},
+                         413: {"model": Problem, "description": "Body too large."},
+                         415: {"model": Problem, "description": "Not sent as JSON."},
                          409: {"model": Problem, "description": "Idempotency-Key already "
                                                                 "used for another order."}},
               summary="Place an order")

@@ -7,6 +7,7 @@ backlog and batches it: one transaction, one receipts message and one ack per ba
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -14,9 +15,16 @@ import pytest
 
 from common.broker import Publisher
 from common.events import DeliveryReceipt, Event, OrderPlaced
-from common.runner import Runtime
+from common.runner import Runtime, ServiceRunner
+from common.settings import ServiceSettings
 from common.topology import Topology
-from tests.integration.support import StartService, receipts_in, wait_for
+from tests.integration.support import (
+    StartService,
+    delete_topology,
+    receipts_in,
+    settings_for,
+    wait_for,
+)
 from tests.integration.test_kit import PROBE, an_order, effect_count
 
 pytestmark = pytest.mark.integration
@@ -38,24 +46,25 @@ async def preload(amqp: aio_pika.abc.AbstractRobustConnection, prefix: str,
 
 
 async def audit_messages(amqp: aio_pika.abc.AbstractRobustConnection, runtime: Runtime[Any],
-                         until: int) -> tuple[int, list[DeliveryReceipt]]:
-    """Drain the audit queue until `until` receipts arrived: (messages, receipts)."""
+                         until: int) -> tuple[list[int], list[DeliveryReceipt]]:
+    """Drain the audit queue until `until` receipts arrived: (the body size of each message
+    that carried any, receipts)."""
     channel = await amqp.channel()
     audit = await channel.declare_queue(runtime.topology.audit_queue, passive=True)
     found: list[DeliveryReceipt] = []
-    carriers: list[int] = []  # receipts per message that carried any
+    carriers: list[int] = []  # the size of each message that carried receipts
 
     async def collect() -> bool:
         while (message := await audit.get(fail=False)) is not None:
             await message.ack()
             if receipts := receipts_in(message):
-                carriers.append(len(receipts))
+                carriers.append(len(message.body))
                 found.extend(receipts)
         return len(found) >= until
 
     await wait_for(collect, what=f"{until} receipts", timeout=30)
     await channel.close()
-    return len(carriers), found
+    return carriers, found
 
 
 async def test_a_backlog_is_handled_in_batches_with_one_receipts_message_each(
@@ -72,7 +81,23 @@ async def test_a_backlog_is_handled_in_batches_with_one_receipts_message_each(
     assert Counter(r.handled_event_id for r in receipts) == Counter(
         str(o.event_id) for o in orders)
     assert {r.outcome for r in receipts} == {"handled"}
-    assert messages <= len(orders) // 4, f"{messages} receipt messages for 200 deliveries"
+    assert len(messages) <= len(orders) // 4, f"{len(messages)} receipt messages for 200"
+
+
+async def test_a_big_batch_sends_its_receipts_in_messages_of_at_most_256_kib(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection,
+        name_prefix: str) -> None:
+    """600 orders handled as one batch (their receipts take some 330 KB): the receipts come
+    in messages of at most 256 KiB, below the smallest message size limit (512 KiB)."""
+    orders = [an_order() for _ in range(600)]
+    await preload(amqp, name_prefix, list(orders))
+    runtime = await start_service(PROBE, prefetch=1200, batch_linger_ms=300)
+    sizes, receipts = await audit_messages(amqp, runtime, until=len(orders))
+    assert max(Counter(r.received_at for r in receipts).values()) > 500, "one big batch"
+    assert len(sizes) >= 2
+    assert max(sizes) <= 256 * 1024, sizes
+    assert Counter(r.handled_event_id for r in receipts) == Counter(
+        str(o.event_id) for o in orders)
 
 
 async def test_one_failing_delivery_in_a_batch_leaves_the_others_committed_once(
@@ -101,7 +126,8 @@ async def test_the_same_event_twice_in_one_batch_has_one_effect(
         start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection,
         name_prefix: str) -> None:
     """A duplicate right behind its original, in the same batch: one effect, and receipts
-    saying handled then duplicate."""
+    saying handled then duplicate. (The batch drops the copy itself, before the inbox is
+    asked; a copy meeting the inbox is the next test's.)"""
     twice = an_order()
     others = [an_order() for _ in range(10)]
     await preload(amqp, name_prefix, [*others[:5], twice, twice, *others[5:]])
@@ -110,6 +136,40 @@ async def test_the_same_event_twice_in_one_batch_has_one_effect(
     assert await effect_count(runtime, twice.order_id) == 1
     assert sorted(r.outcome for r in receipts if r.handled_event_id == str(twice.event_id)) \
         == ["duplicate", "handled"]
+
+
+async def test_copies_in_a_batch_after_a_restart_have_no_second_effect(
+        amqp_url: str, management_url: str, name_prefix: str, tmp_path: Path,
+        amqp: aio_pika.abc.AbstractRobustConnection) -> None:
+    """Orders handled and committed by one run of the service, then copies of them waiting
+    among new orders for the next run: the batch's inbox claim finds the copies, which are
+    duplicates with no second effect, and handles the new ones."""
+    originals = [an_order() for _ in range(5)]
+    fresh = [an_order() for _ in range(5)]
+    await preload(amqp, name_prefix, list(originals))
+    settings = settings_for(ServiceSettings, amqp_url, name_prefix, tmp_path, prefetch=64,
+                            batch_linger_ms=300)
+    runners = [ServiceRunner(PROBE, settings, broker_wait=10) for _ in range(2)]
+    try:
+        runtime = await runners[0].__aenter__()
+        _, receipts = await audit_messages(amqp, runtime, until=len(originals))
+        assert {r.outcome for r in receipts} == {"handled"}
+        await runners[0].stop()
+
+        await preload(amqp, name_prefix, [*fresh[:2], *originals, *fresh[2:]])
+        runtime = await runners[1].__aenter__()
+        _, receipts = await audit_messages(amqp, runtime, until=len(originals) + len(fresh))
+        outcomes = {r.handled_event_id: r.outcome for r in receipts}
+        assert outcomes == {**{str(o.event_id): "duplicate" for o in originals},
+                            **{str(o.event_id): "handled" for o in fresh}}
+        assert len({r.received_at for r in receipts}) == 1, "one batch"
+        for order in [*originals, *fresh]:
+            assert await effect_count(runtime, order.order_id) == 1
+    finally:
+        for runner in runners:
+            await runner.stop()
+        await delete_topology(amqp_url, [r.topology for r in runners], name_prefix,
+                              management_url)
 
 
 async def test_deliveries_arriving_within_the_linger_share_one_transaction(

@@ -152,6 +152,26 @@ async def test_handler_on_the_real_store(engine: AsyncEngine) -> None:
         assert rows.scalar_one() == 1
 
 
+async def test_a_multi_line_order_is_reserved_line_by_line(engine: AsyncEngine) -> None:
+    """Every line of a successful multi-line order is reserved: each SKU's reserved units,
+    the order's reservation rows and the event name each line; other SKUs are untouched."""
+    async with engine.begin() as conn:
+        for sku, units in {"A": 5, "B": 3, "C": 10, "D": 7}.items():
+            await StockStore(conn).set_stock(sku, units)
+    order = make_order(make_line("C", 1), make_line("A", 2, seller="s1"), make_line("B", 3),
+                       make_line("A", 1, seller="s2"))
+    async with engine.begin() as conn:
+        [reserved] = await reserve_stock(order, StockStore(conn))
+    assert isinstance(reserved, StockReserved)
+    assert sorted((ln.sku, ln.quantity) for ln in reserved.lines) == [
+        ("A", 3), ("B", 3), ("C", 1)]
+    async with engine.connect() as conn:
+        store = StockStore(conn)
+        assert await store.reserved_for(order.order_id) == {"A": 3, "B": 3, "C": 1}
+        levels = {lv.sku: (lv.on_hand, lv.reserved) for lv in await store.list_stock()}
+    assert levels == {"A": (5, 3), "B": (3, 3), "C": (10, 1), "D": (7, 0)}
+
+
 async def test_seed_catalogue_fills_only_an_empty_stock(engine: AsyncEngine) -> None:
     """The demo catalogue goes into an empty table, and never over an operator's stock."""
     await seed_catalogue(engine)

@@ -112,17 +112,46 @@ async def test_an_event_reaches_a_subscriber_once(start_service: StartService) -
     assert await effect_count(runtime, order.order_id) == 1
 
 
-async def test_the_same_event_twice_has_one_effect(start_service: StartService,
-                                                   amqp: aio_pika.abc.AbstractConnection
-                                                   ) -> None:
-    """A duplicate publish is acked without a second effect (the inbox dedupes)."""
+async def test_a_copy_after_the_original_was_committed_has_no_second_effect(
+        start_service: StartService, amqp: aio_pika.abc.AbstractConnection) -> None:
+    """A copy that arrives after its original was handled and committed is a duplicate by
+    the inbox's record alone: acked, receipted `duplicate`, no second effect."""
     runtime = await start_service(PROBE)
-    order, marker = an_order(), an_order()
+    order = an_order()
     await publish(runtime, order)
+    [first] = await audit_receipts(amqp, runtime, str(order.event_id), 1)
+    assert first.outcome == "handled"
     await publish(runtime, order)  # a new outbox row, the same event_id
-    await publish(runtime, marker)  # behind the duplicate on the same queue
-    await wait_for(lambda: effect_count(runtime, marker.order_id), what="the marker")
+    [copy] = await audit_receipts(amqp, runtime, str(order.event_id), 1)
+    assert copy.outcome == "duplicate"
     assert await effect_count(runtime, order.order_id) == 1
+
+
+async def test_a_copy_after_a_restart_has_no_second_effect(
+        amqp_url: str, management_url: str, name_prefix: str, tmp_path: Path,
+        amqp: aio_pika.abc.AbstractRobustConnection) -> None:
+    """The inbox outlives the process: a copy delivered to the next run of the service, on
+    the same database, is a duplicate with no second effect."""
+    settings = settings_for(ServiceSettings, amqp_url, name_prefix, tmp_path)
+    runners = [ServiceRunner(PROBE, settings, broker_wait=10) for _ in range(2)]
+    try:
+        runtime = await runners[0].__aenter__()
+        order = an_order()
+        await publish(runtime, order)
+        [first] = await audit_receipts(amqp, runtime, str(order.event_id), 1)
+        assert first.outcome == "handled"
+        await runners[0].stop()
+
+        runtime = await runners[1].__aenter__()
+        await publish(runtime, order)
+        [copy] = await audit_receipts(amqp, runtime, str(order.event_id), 1)
+        assert copy.outcome == "duplicate"
+        assert await effect_count(runtime, order.order_id) == 1
+    finally:
+        for runner in runners:
+            await runner.stop()
+        await delete_topology(amqp_url, [r.topology for r in runners], name_prefix,
+                              management_url)
 
 
 async def test_malformed_and_wrong_schema_messages_are_dead_lettered(

@@ -289,10 +289,10 @@ async def test_a_total_that_does_not_add_up_says_so(client: httpx.AsyncClient,
 
 async def test_a_body_that_is_not_json_is_refused(client: httpx.AsyncClient,
                                                  runtime: FakeRuntime) -> None:
-    """Broken JSON is a 422, not a server error."""
+    """Broken JSON is a 400 (a malformed request, no field to name), not a server error."""
     response = await client.post("/orders", content=b"{not json",
                                  headers={"content-type": "application/json"})
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert runtime.published == []
 
 

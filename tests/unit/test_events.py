@@ -101,6 +101,27 @@ def test_a_reader_ignores_fields_it_does_not_know() -> None:
     assert "gift_wrap" not in event.model_dump()
 
 
+def test_the_tolerant_reader_holds_inside_lines_and_the_address_too() -> None:
+    """Only what a customer submits is read strictly: an event with unknown fields in a
+    line or the address, or a quantity written as text, still reads."""
+    payload = order_payload()
+    payload["lines"][0].update(gift_note="thanks", quantity="2")
+    payload["shipping_address"]["floor"] = 3
+    event = OrderPlaced.model_validate_json(json.dumps(payload))
+    assert event.lines[0].quantity == 2
+    assert "gift_note" not in event.lines[0].model_dump()
+    assert "floor" not in event.shipping_address.model_dump()
+
+
+def test_money_states_its_limits_in_the_schema() -> None:
+    """A reader of the contract learns Money's bounds and places without a 422."""
+    price = OrderLine.model_json_schema()["properties"]["unit_price"]
+    number = next(branch for branch in price["anyOf"] if branch["type"] == "number")
+    assert (number["minimum"], number["maximum"], number["multipleOf"]) == (
+        0, 999999999999.99, 0.01)
+    assert "999999999999.99" in price["description"]
+
+
 def test_json_round_trip_keeps_money_exact() -> None:
     """Money travels as a decimal string, never a float."""
     event = OrderPlaced.model_validate(order_payload())

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from common.events import Address, OrderLine, OrderPlaced
 from order_service.domain import (
+    EXAMPLE_ORDER,
     NewOrder,
     OrderState,
     Receipt,
@@ -128,6 +130,110 @@ def test_unsupported_currency_message_lists_the_supported_ones() -> None:
     with pytest.raises(ValidationError) as exc:
         NewOrder.model_validate(order_body(currency="xyz"))
     assert "EUR" in error_fields(exc)["currency"]
+
+
+def with_line(**changes: Any) -> dict[str, Any]:
+    line = {"sku": "SKU-1", "quantity": 1, "unit_price": "1.00", "seller_id": "s"}
+    return order_body(lines=[{**line, **changes}])
+
+
+def with_address(**changes: Any) -> dict[str, Any]:
+    return order_body(shipping_address={**order_body()["shipping_address"], **changes})
+
+
+@pytest.mark.parametrize(("body", "field", "says"), [
+    (order_body(customer_id="cust\x00"), "customer_id", "U+0000 (a control character) at "
+                                                         "position 5"),
+    (with_address(name="\x1b[2JAda"), "shipping_address.name", "U+001B (a control character) "
+                                                              "at position 1"),
+    (with_address(street="1 Row\u0085"), "shipping_address.street", "U+0085"),
+    (with_address(city="Ber\u202elin"), "shipping_address.city",
+     "U+202E (right-to-left override) at position 4"),
+    (with_address(name="Ada\u2069"), "shipping_address.name", "U+2069 (pop directional "
+                                                               "isolate)"),
+    (with_address(name="A\ud83d"), "shipping_address.name", "U+D83D (a lone surrogate)"),
+    (with_address(name="Ada\nLovelace"), "shipping_address.name", "U+000A"),
+    (with_address(postal_code="101\t15"), "shipping_address.postal_code", "U+0009"),
+    (with_line(seller_id="s\x7f"), "lines.0.seller_id", "U+007F"),
+])
+def test_text_with_control_characters_is_refused_saying_which_and_where(
+        body: dict[str, Any], field: str, says: str) -> None:
+    """Control characters, bidi overrides and isolates, lone surrogates: refused on their
+    field, naming the code point and its position in the text as sent."""
+    with pytest.raises(ValidationError) as exc:
+        NewOrder.model_validate(body)
+    assert says in error_fields(exc)[field]
+
+
+def test_text_in_any_script_is_kept() -> None:
+    """Accents, right-to-left scripts and emoji sequences (joined by ZWJ) are ordinary text."""
+    name = "Zoë Ñúñez 李雷 مريم 👩\u200d👩\u200d👧"
+    order = NewOrder.model_validate(with_address(name=f"  {name} "))
+    assert order.shipping_address.name == name
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (with_line(quantity="2"), "lines.0.quantity"),
+    (with_line(quantity=True), "lines.0.quantity"),
+    (with_line(quantity=2.0), "lines.0.quantity"),
+    (with_line(unit_price="1e2"), "lines.0.unit_price"),
+    (with_line(unit_price=" 1.00"), "lines.0.unit_price"),
+    (order_body(total="4.498e1"), "total"),
+    (with_line(qty=2), "lines.0.qty"),
+    (with_address(floor=3), "shipping_address.floor"),
+])
+def test_submitted_values_are_not_coerced_and_unknown_fields_are_refused_at_every_level(
+        body: dict[str, Any], field: str) -> None:
+    """A quantity is a JSON integer, an amount a number or plain decimal text; an unknown
+    field in a line or the address is refused as at the top."""
+    with pytest.raises(ValidationError) as exc:
+        NewOrder.model_validate(body)
+    assert field in error_fields(exc)
+
+
+def test_amounts_may_be_json_numbers() -> None:
+    """A number with cents reads as the same exact amount as its text."""
+    order = NewOrder.model_validate(with_line(quantity=3, unit_price=19.99))
+    assert place_order(order).total == Decimal("59.97")
+
+
+def test_a_computed_total_over_moneys_limit_is_refused_on_the_total() -> None:
+    """Lines that add up past the largest amount are an error on `total` saying the limit,
+    not a failure when the event is built."""
+    huge = {"sku": "SKU-1", "quantity": 10_000, "unit_price": "999999999999.99",
+            "seller_id": "s"}
+    with pytest.raises(ValidationError) as exc:
+        NewOrder.model_validate(order_body(lines=[huge]))
+    assert "999999999999.99" in error_fields(exc)["total"]
+    largest = {**huge, "quantity": 1}
+    assert place_order(NewOrder.model_validate(order_body(lines=[largest]))).total == Decimal(
+        "999999999999.99")
+
+
+def test_the_event_holds_the_events_own_values() -> None:
+    """The input's strict lines and address become the event's plain OrderLine and Address,
+    so the event equals itself read back from the wire."""
+    event = place_order(NewOrder.model_validate(order_body()))
+    assert {type(line) for line in event.lines} == {OrderLine}
+    assert type(event.shipping_address) is Address
+    assert OrderPlaced.model_validate_json(event.model_dump_json()) == event
+
+
+def test_an_order_can_be_built_from_the_events_values() -> None:
+    """Python callers may pass OrderLine and Address values; they are checked all the same."""
+    address = Address(name="Ada", street="1 Row", city="Berlin", postal_code="1", country="DE")
+    line = OrderLine(sku="SKU-1", quantity=2, unit_price=Decimal("1.50"), seller_id="s")
+    assert place_order(NewOrder(customer_id="c", lines=[line],
+                                shipping_address=address)).total == Decimal("3.00")
+    with pytest.raises(ValidationError, match="U\\+001B"):
+        NewOrder(customer_id="c", lines=[line], shipping_address=address.model_copy(
+            update={"name": "\x1b"}))
+
+
+def test_the_documented_example_is_a_valid_order() -> None:
+    """The example the API documents validates, total included."""
+    assert place_order(NewOrder.model_validate(EXAMPLE_ORDER)).total == Decimal(
+        EXAMPLE_ORDER["total"])
 
 
 @pytest.mark.parametrize(
