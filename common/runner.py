@@ -37,6 +37,7 @@ from common.events import (
     DeliveryReceipts,
     Event,
     SubscriberAnnounced,
+    receipts_of,
 )
 from common.logging import delivery_context, get_logger
 from common.outbox import (
@@ -48,7 +49,7 @@ from common.outbox import (
     kit_metadata,
     utcnow,
 )
-from common.service import Handler, ServiceSpec, StoreT
+from common.service import Handler, RejectedError, ServiceSpec, StoreT
 from common.settings import ServiceSettings
 from common.telemetry import (
     DELIVERIES,
@@ -67,8 +68,11 @@ log = get_logger(__name__)
 Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]
 
 
-class PoisonMessageError(Exception):
+class PoisonMessageError(RejectedError):
     """A delivery no retry can fix: too large, not JSON, not the event's schema, unknown type."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("poison", detail)
 
 
 class MessageTooLargeError(PoisonMessageError):
@@ -440,7 +444,7 @@ class ServiceRunner(Generic[StoreT]):
         for message in messages:
             try:
                 event, handler = self._decode(sub, message)
-            except PoisonMessageError as exc:
+            except RejectedError as exc:
                 await self._deliver_alone(sub, message, poison=exc)
                 continue
             decoded.append((message, event, handler))
@@ -471,8 +475,37 @@ class ServiceRunner(Generic[StoreT]):
 
     def _decode(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
                 ) -> tuple[Event, Handler[StoreT]]:
-        """The event in a delivery and its handler, with this service's limits."""
-        return decode(message, sub.handlers, max_bytes=self.settings.max_message_bytes)
+        """The event in a delivery and its handler, with this service's limits; where every
+        service has a broker user of its own, with the producer the broker vouches for."""
+        event, handler = decode(message, sub.handlers, max_bytes=self.settings.max_message_bytes)
+        if self.settings.authenticated:
+            event = self._authenticate(event, message)
+        return event, handler
+
+    def _authenticate(self, event: Event, message: AbstractIncomingMessage) -> Event:
+        """`event` with the producer the broker validated (`common.access`), or RejectedError.
+
+        The body's `producer` is a claim the sender fills in; the message's `user_id` is
+        checked by the broker against the connection that published it. A receipt or an
+        announcement must also be about its own producer: every service may write to the
+        audit exchange, so that is where one would speak for another.
+        """
+        sender = sender_of(message, self.settings.broker_user)
+        prefix = self.settings.name_prefix
+        producer = sender[len(prefix):] if sender and sender.startswith(prefix) else None
+        if not producer or (event.producer and event.producer != producer):
+            raise RejectedError("forged_producer",
+                           f"{event.event_type} says it comes from {event.producer!r}, but the "
+                           f"broker says it was published by user {sender!r}")
+        claims = {r.subscriber for r in receipts_of(event)}
+        if isinstance(event, DeliveryReceipts | SubscriberAnnounced):
+            claims.add(event.subscriber)
+        if claims - {producer}:
+            raise RejectedError("forged_producer",
+                           f"{event.event_type} from {producer!r} speaks for "
+                           f"{', '.join(sorted(claims - {producer}))}")
+        return event if event.producer == producer else event.model_copy(
+            update={"producer": producer})
 
     async def _handle_batch(self, sub: Subscription[StoreT],
                             decoded: Sequence[tuple[AbstractIncomingMessage, Event,
@@ -527,7 +560,7 @@ class ServiceRunner(Generic[StoreT]):
         return outcomes
 
     async def _deliver_alone(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
-                             poison: PoisonMessageError | None = None) -> None:
+                             poison: RejectedError | None = None) -> None:
         """Handle one delivery on its own; never raises.
 
         Should settling it fail all the same (a bug of ours, a channel gone), only this
@@ -543,7 +576,7 @@ class ServiceRunner(Generic[StoreT]):
                 await message.nack(requeue=True)
 
     async def _deliver(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
-                       poison: PoisonMessageError | None = None) -> None:
+                       poison: RejectedError | None = None) -> None:
         with process_span(sub.queue, message.message_id, message.type, self.spec.name,
                           message.headers):
             outcome = await self._deliver_traced(sub, message, poison)
@@ -551,7 +584,7 @@ class ServiceRunner(Generic[StoreT]):
         DELIVERIES.labels(self.spec.name, sub.queue, event_type, outcome).inc()
 
     async def _deliver_traced(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
-                              poison: PoisonMessageError | None) -> str:
+                              poison: RejectedError | None) -> str:
         """Handle one delivery (`poison`: why it was found unreadable already); returns its
         outcome for the metrics."""
         started = time.perf_counter()
@@ -559,19 +592,25 @@ class ServiceRunner(Generic[StoreT]):
         if poison is None:
             try:
                 event, handler = self._decode(sub, message)
-            except PoisonMessageError as exc:
+            except RejectedError as exc:
                 poison = exc
         if poison is not None:
             with delivery_context(
                     event_id=message.message_id, event_type=message.type,
                     correlation_id=message.correlation_id, order_id=message.correlation_id):
-                return await self._fail(sub, message, reason="poison", error=poison,
+                return await self._fail(sub, message, reason=poison.reason, error=poison,
                                         retry=False, received_at=received_at, started=started)
         with delivery_context(
                 event_id=str(event.event_id), event_type=event.event_type,
                 correlation_id=event.correlation_id, order_id=event.order_key):
             try:
                 duplicate = await self._handle(sub, event, handler, received_at, started)
+            except RejectedError as exc:  # the handler's rules refuse it: no retry can help
+                log.warning("event rejected", queue=sub.queue, reason=exc.reason,
+                            error=str(exc)[:500])
+                return await self._fail(sub, message, reason=exc.reason, error=exc,
+                                        retry=False, received_at=received_at, started=started,
+                                        event=event)
             except Exception as exc:  # any handler failure: retry later or park; keep consuming
                 log.exception("handler failed", queue=sub.queue)
                 return await self._fail(sub, message, reason="handler_error", error=exc,

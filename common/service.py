@@ -13,6 +13,20 @@ from common.events import DeliveryReceipt, Event
 
 StoreT = TypeVar("StoreT")
 
+
+class RejectedError(Exception):
+    """An event that must not be handled, and that no retry can make acceptable.
+
+    The kit dead-letters its delivery at once, with `reason` in `x-error-reason`, and goes
+    on. It raises one itself for an unreadable body (poison) or a producer the broker does
+    not vouch for; a handler raises one for an event its rules refuse (an outcome for an
+    order that does not exist).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
 #: A handler: the business reaction to one event. It receives the event and the service's
 #: store, bound to the transaction the kit opened for this delivery, and returns the events
 #: it wants published. The kit commits the store's changes with those events (outbox) and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
@@ -14,8 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from yarl import URL
 
 from common.access import apply, declare_shared, grant_for, remove
-from common.broker import ORIGINAL_USER, message_for
-from common.events import Event, OrderPlaced
+from common.broker import ORIGINAL_USER, Publisher, message_for
+from common.events import (
+    DeliveryReceipt,
+    Event,
+    OrderPlaced,
+    ReservedLine,
+    StockReserved,
+    SubscriberAnnounced,
+)
 from common.runner import Runtime
 from common.service import ServiceSpec
 from common.settings import ServiceSettings
@@ -184,3 +192,77 @@ async def test_a_service_may_not_publish_what_another_produces(
     finally:
         await connection.close()
 
+
+
+async def parked(amqp: aio_pika.abc.AbstractConnection, dlq: str, count: int
+                 ) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Wait until `count` dead letters are in `dlq`, and take them."""
+    channel = await amqp.channel()
+    found: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+    async def enough() -> bool:
+        queue = await channel.declare_queue(dlq, passive=True)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            found.append(message)
+        return len(found) >= count
+
+    await wait_for(enough, timeout=15, what=f"{count} dead letters in {dlq}")
+    await channel.close()
+    return found
+
+
+async def test_the_tracker_parks_what_the_broker_does_not_vouch_for(
+        users: Provision, start_service: StartService, amqp: aio_pika.abc.AbstractConnection,
+        amqp_url: str, name_prefix: str) -> None:
+    """With a user per service, the order service believes the broker, not the body: a
+    receipt or an announcement one subscriber sends for another, an event whose body names
+    another producer, a message from a user that is no service, and an outcome for an order
+    it never placed are each parked as dead letters with the reason; the seller's own
+    announcement is registered."""
+    passwords = await users([ORDER, INVENTORY, SELLER])
+    order_rt = await start_service(ORDER, OrderSettings, broker_password=passwords["order"])
+    topology = order_rt.topology
+
+    async def publish_as(service: str | None, *events: Event) -> None:
+        url = login(amqp_url, f"{name_prefix}{service}", passwords[service]) if service \
+            else amqp_url
+        connection = await aio_pika.connect_robust(url)
+        try:
+            publisher = Publisher(connection, topology)
+            for event in events:
+                await publisher.publish(event)
+        finally:
+            await connection.close()
+
+    order = make_order(producer="order")
+    for_inventory = DeliveryReceipt(
+        subscriber="inventory", queue=topology.queue("inventory", OrderPlaced),
+        handled_event_id=str(order.event_id), handled_event_type="OrderPlaced",
+        outcome="handled", received_at=order.occurred_at, duration_ms=1,
+        correlation_id=str(order.order_id), producer="seller")
+    ghost = SubscriberAnnounced(subscriber="ghost", instance="x", producer="seller",
+                                consumes={"OrderPlaced": topology.queue("ghost", OrderPlaced)})
+    honest = SubscriberAnnounced(subscriber="seller", instance="x", producer="seller",
+                                 consumes={"OrderPlaced": topology.queue("seller", OrderPlaced)})
+    await publish_as("seller", for_inventory,
+                     for_inventory.model_copy(update={"producer": "inventory"}), ghost, honest)
+    stray = StockReserved(order_id=order.order_id, correlation_id=str(order.order_id),
+                          lines=(ReservedLine(sku="SKU-1", quantity=1),), producer="inventory")
+    await publish_as("inventory", stray)
+    await publish_as(None, stray.model_copy(update={"event_id": uuid.uuid4()}))
+
+    audit = await parked(amqp, topology.dlq(topology.audit_queue), 3)
+    assert [(m.type, (m.headers or {})["x-error-reason"]) for m in audit] == [
+        ("DeliveryReceipt", "forged_producer"), ("DeliveryReceipt", "forged_producer"),
+        ("SubscriberAnnounced", "forged_producer")]
+    assert "speaks for inventory" in str((audit[0].headers or {})["x-exception-message"])
+    outcomes = await parked(amqp, topology.dlq(topology.queue("order", StockReserved)), 2)
+    assert sorted(str((m.headers or {})["x-error-reason"]) for m in outcomes) == [
+        "forged_producer", "unknown_order"]
+
+    async def registry() -> set[str] | None:
+        async with order_rt.engine.connect() as conn:
+            names = {s.name for s in await OrderStore(conn).list_subscribers()}
+        return names if "seller" in names else None
+
+    assert "ghost" not in await wait_for(registry, what="the seller's own announcement")
