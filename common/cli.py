@@ -12,11 +12,13 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from common.broker import connect, safe_url
 from common.dlq_cli import app as dlq_app
 from common.doctor import doctor
+from common.logging import configure_logging
 from common.queues_cli import queues
 from common.settings import ServiceSettings
 from inventory_service.cli import app as inventory_app
@@ -137,6 +139,18 @@ async def _pump(name: str, proc: asyncio.subprocess.Process, width: int) -> None
 
 
 def main() -> None:
+    """The `shop` command. Its log lines go to stderr: stdout carries only each command's
+    result (`shop doctor --json | jq` must parse)."""
+    try:
+        settings = ServiceSettings()
+    except ValidationError:
+        # Only the log settings are wanted here; the command that needs the setting at
+        # fault reads it again and says what is wrong.
+        settings = ServiceSettings.model_construct()
+    try:
+        configure_logging(settings, name="shop")
+    except ValueError as exc:  # the standard library's own words for an unknown LOG_LEVEL
+        raise SystemExit(f"Error: LOG_LEVEL: {exc}") from None
     app()
 
 
