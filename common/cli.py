@@ -87,7 +87,10 @@ async def _check_broker(url: str, wait: float) -> None:
 
 async def _supervise(stop_timeout: float) -> int:
     env = dict(os.environ)
-    if sys.stdout.isatty():
+    # Colours and the readable format for a person at a terminal; plain lines (JSON logs)
+    # for a file or a pipe, where escape codes are noise.
+    terminal = sys.stdout.isatty()
+    if terminal:
         env.setdefault("LOG_FORMAT", "console")
     children: dict[str, asyncio.subprocess.Process] = {}
     for name in SERVICES:
@@ -96,7 +99,8 @@ async def _supervise(stop_timeout: float) -> int:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
     width = max(map(len, SERVICES))
-    pumps = [asyncio.create_task(_pump(name, proc, width)) for name, proc in children.items()]
+    pumps = [asyncio.create_task(_pump(name, proc, width, colour=terminal))
+             for name, proc in children.items()]
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -128,10 +132,13 @@ async def _supervise(stop_timeout: float) -> int:
     return code
 
 
-async def _pump(name: str, proc: asyncio.subprocess.Process, width: int) -> None:
+async def _pump(name: str, proc: asyncio.subprocess.Process, width: int, *,
+                colour: bool) -> None:
     if proc.stdout is None:
         return
-    prefix = typer.style(f"{name:<{width}} | ", fg=_COLOURS.get(name, "white"), bold=True)
+    prefix = f"{name:<{width}} | "
+    if colour:
+        prefix = typer.style(prefix, fg=_COLOURS.get(name, "white"), bold=True)
     async for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
         sys.stdout.write(prefix + line + "\n")
