@@ -13,9 +13,10 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
+from rich.text import Text
 
 from common.broker import connect, safe_url
+from common.cli_support import plain_console
 from common.dlq_cli import app as dlq_app
 from common.doctor import doctor
 from common.logging import configure_logging
@@ -39,7 +40,7 @@ app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge
 app.command()(queues)
 app.command()(doctor)
 
-err = Console(stderr=True)
+err = plain_console(stderr=True)
 
 
 class ServiceName(StrEnum):
@@ -74,7 +75,7 @@ def up(
     try:
         asyncio.run(_check_broker(settings.amqp_url, broker_wait))
     except ConnectionError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(Text.assemble(("error:", "red"), f" {exc}"))
         raise typer.Exit(1) from exc
     err.print("RabbitMQ answers; starting the services (Ctrl-C stops them)")
     raise typer.Exit(asyncio.run(_supervise(stop_timeout)))
@@ -112,7 +113,7 @@ async def _supervise(stop_timeout: float) -> int:
     code = 0
     if stop_task not in done:
         dead = [n for n, t in exits.items() if t in done]
-        err.print(f"[red]{', '.join(dead)} exited on its own; stopping the others[/red]")
+        err.print(f"{', '.join(dead)} exited on its own; stopping the others", style="red")
         code = 1
     for proc in children.values():
         if proc.returncode is None:
@@ -121,7 +122,7 @@ async def _supervise(stop_timeout: float) -> int:
     _, pending = await asyncio.wait(exits.values(), timeout=stop_timeout)
     for name, task in exits.items():
         if task in pending:
-            err.print(f"[red]{name} did not stop within {stop_timeout:.0f} s; killing it[/red]")
+            err.print(f"{name} did not stop within {stop_timeout:.0f} s; killing it", style="red")
             with contextlib.suppress(ProcessLookupError):
                 children[name].kill()
             code = 1
