@@ -98,10 +98,11 @@ def _log_outages(connection: AbstractRobustConnection, where: str) -> None:
 
     def lost(_sender: Any, exc: BaseException | None = None) -> None:
         nonlocal lost_at
-        # Closed on purpose (close() passes CancelledError before is_closed turns true),
-        # or already reported.
-        if (connection.is_closed or isinstance(exc, asyncio.CancelledError)
-                or lost_at is not None):
+        # A close asked for is no outage. The callbacks cannot tell it by their argument (no
+        # exception or a CancelledError, depending on which side finished the AMQP close
+        # first) nor by is_closed (true only after they ran): close() sets close_called
+        # before it touches the transport.
+        if connection.close_called or lost_at is not None:
             return
         lost_at = time.monotonic()
         log.warning("broker connection lost; reconnecting", url=where,

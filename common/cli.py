@@ -12,11 +12,14 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from pydantic import ValidationError
+from rich.text import Text
 
 from common.broker import connect, safe_url
+from common.cli_support import plain_console
 from common.dlq_cli import app as dlq_app
 from common.doctor import doctor
+from common.logging import configure_logging
 from common.queues_cli import queues
 from common.settings import ServiceSettings
 from inventory_service.cli import app as inventory_app
@@ -37,7 +40,7 @@ app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge
 app.command()(queues)
 app.command()(doctor)
 
-err = Console(stderr=True)
+err = plain_console(stderr=True)
 
 
 class ServiceName(StrEnum):
@@ -72,7 +75,7 @@ def up(
     try:
         asyncio.run(_check_broker(settings.amqp_url, broker_wait))
     except ConnectionError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(Text.assemble(("error:", "red"), f" {exc}"))
         raise typer.Exit(1) from exc
     err.print("RabbitMQ answers; starting the services (Ctrl-C stops them)")
     raise typer.Exit(asyncio.run(_supervise(stop_timeout)))
@@ -85,7 +88,10 @@ async def _check_broker(url: str, wait: float) -> None:
 
 async def _supervise(stop_timeout: float) -> int:
     env = dict(os.environ)
-    if sys.stdout.isatty():
+    # Colours and the readable format for a person at a terminal; plain lines (JSON logs)
+    # for a file or a pipe, where escape codes are noise.
+    terminal = sys.stdout.isatty()
+    if terminal:
         env.setdefault("LOG_FORMAT", "console")
     children: dict[str, asyncio.subprocess.Process] = {}
     for name in SERVICES:
@@ -94,7 +100,8 @@ async def _supervise(stop_timeout: float) -> int:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
     width = max(map(len, SERVICES))
-    pumps = [asyncio.create_task(_pump(name, proc, width)) for name, proc in children.items()]
+    pumps = [asyncio.create_task(_pump(name, proc, width, colour=terminal))
+             for name, proc in children.items()]
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -106,7 +113,7 @@ async def _supervise(stop_timeout: float) -> int:
     code = 0
     if stop_task not in done:
         dead = [n for n, t in exits.items() if t in done]
-        err.print(f"[red]{', '.join(dead)} exited on its own; stopping the others[/red]")
+        err.print(f"{', '.join(dead)} exited on its own; stopping the others", style="red")
         code = 1
     for proc in children.values():
         if proc.returncode is None:
@@ -115,7 +122,7 @@ async def _supervise(stop_timeout: float) -> int:
     _, pending = await asyncio.wait(exits.values(), timeout=stop_timeout)
     for name, task in exits.items():
         if task in pending:
-            err.print(f"[red]{name} did not stop within {stop_timeout:.0f} s; killing it[/red]")
+            err.print(f"{name} did not stop within {stop_timeout:.0f} s; killing it", style="red")
             with contextlib.suppress(ProcessLookupError):
                 children[name].kill()
             code = 1
@@ -126,10 +133,13 @@ async def _supervise(stop_timeout: float) -> int:
     return code
 
 
-async def _pump(name: str, proc: asyncio.subprocess.Process, width: int) -> None:
+async def _pump(name: str, proc: asyncio.subprocess.Process, width: int, *,
+                colour: bool) -> None:
     if proc.stdout is None:
         return
-    prefix = typer.style(f"{name:<{width}} | ", fg=_COLOURS.get(name, "white"), bold=True)
+    prefix = f"{name:<{width}} | "
+    if colour:
+        prefix = typer.style(prefix, fg=_COLOURS.get(name, "white"), bold=True)
     async for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
         sys.stdout.write(prefix + line + "\n")
@@ -137,6 +147,18 @@ async def _pump(name: str, proc: asyncio.subprocess.Process, width: int) -> None
 
 
 def main() -> None:
+    """The `shop` command. Its log lines go to stderr: stdout carries only each command's
+    result (`shop doctor --json | jq` must parse)."""
+    try:
+        settings = ServiceSettings()
+    except ValidationError:
+        # Only the log settings are wanted here; the command that needs the setting at
+        # fault reads it again and says what is wrong.
+        settings = ServiceSettings.model_construct()
+    try:
+        configure_logging(settings, name="shop")
+    except ValueError as exc:  # the standard library's own words for an unknown LOG_LEVEL
+        raise SystemExit(f"Error: LOG_LEVEL: {exc}") from None
     app()
 
 

@@ -1,4 +1,4 @@
-"""Small helpers the services' own commands share: errors and JSON on the terminal."""
+"""Small helpers the services' own commands share: errors, JSON and text on the terminal."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import typer
+from rich.console import Console
 
 
 def fail(message: str) -> typer.Exit:
@@ -21,3 +22,14 @@ def fail(message: str) -> typer.Exit:
 def print_json(data: Any) -> None:
     """`data` as indented JSON on stdout, for scripts (`--json`)."""
     typer.echo(json.dumps(data, indent=2))
+
+
+def plain_console(*, stderr: bool = False, **options: Any) -> Console:
+    """A Rich console that prints text as it is: no markup, no emoji codes, no highlighting.
+
+    What the commands show comes from the broker, the API and users (an error message, a
+    reason, a name, a queue), and Rich reads `[/x]` in a string as a closing tag (a
+    MarkupError) and `[bold]` as a style. Our own styles go in `Text` and `style=`. A
+    Panel's title is read as markup whatever the console: give it a `Text`.
+    """
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, **options)

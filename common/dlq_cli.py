@@ -10,13 +10,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 
 from common import dlq
-from common.cli_support import fail, print_json
+from common.cli_support import fail, plain_console, print_json
 from common.settings import ServiceSettings
 
 T = TypeVar("T")
@@ -42,7 +42,7 @@ def _run(operation: Coroutine[Any, Any, T]) -> T:
 
 def _console() -> Console:
     # Built per command, so the terminal width (COLUMNS) is read when the command runs.
-    return Console(highlight=False)
+    return plain_console()
 
 
 @app.command("list")
@@ -77,7 +77,7 @@ def dead_letter_table(service: str, listing: dlq.Listing, now: datetime) -> Tabl
     """The table `shop dlq list` prints."""
     several = len({letter.dlq for letter in listing.letters}) > 1
     shown = len(listing.letters)
-    table = Table(title=f"dead letters of {service}",
+    table = Table(title=Text(f"dead letters of {service}", style="table.title"),
                   caption=(f"{shown} of {listing.total} shown (--limit)"
                            if shown < listing.total else f"{shown} in all"))
     table.add_column("event id", no_wrap=True)
@@ -94,7 +94,8 @@ def dead_letter_table(service: str, listing: dlq.Listing, now: datetime) -> Tabl
             row.append(letter.dlq)
         row += [letter.reason, _short(_exception(letter)), _attempts(letter),
                 format_age(letter.age(now))]
-        table.add_row(*(escape(cell) for cell in row))
+        # Text, not str: a renderer may be printed by a console that reads markup.
+        table.add_row(*map(Text, row))
     return table
 
 
@@ -139,19 +140,20 @@ def dead_letter_panel(letter: dlq.DeadLetter, now: datetime) -> Panel:
         ("replayed before", str(letter.replay_count) if letter.replay_count else None),
     ):
         if value:
-            facts.add_row(name, escape(value))
+            facts.add_row(name, Text(value))
     headers = Table(title="headers", title_justify="left", show_edge=False)
     headers.add_column("header", no_wrap=True)
     headers.add_column("value", overflow="fold")
     for key, value in letter.headers.items():
         shown = value if isinstance(value, str) else json.dumps(value)
-        headers.add_row(escape(key), escape(shown))
+        headers.add_row(Text(key), Text(shown))
     body = letter.body_json()
     rendered = (Syntax(json.dumps(body, indent=2, ensure_ascii=False), "json",
                        theme="ansi_dark", word_wrap=True)
-                if not isinstance(body, str) else escape(body))
-    return Panel(Group(facts, "", headers, "", "[bold]body[/bold]", rendered),
-                 title=f"dead letter {escape(letter.message_id or '(no id)')}",
+                if not isinstance(body, str) else Text(body))
+    return Panel(Group(facts, "", headers, "", Text("body", style="bold"), rendered),
+                 # A Panel reads a str title as markup, whatever the console.
+                 title=Text(f"dead letter {letter.message_id or '(no id)'}"),
                  title_align="left")
 
 

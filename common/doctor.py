@@ -19,10 +19,11 @@ import httpx
 import typer
 from aio_pika.abc import AbstractRobustConnection
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from common import observe
 from common.broker import connect, safe_url
+from common.cli_support import plain_console
 from common.settings import ServiceSettings
 from common.topology import Topology
 
@@ -34,7 +35,7 @@ LATE_LIMIT = 1000
 #: Items listed in one check's detail before "and N more".
 SHOWN = 10
 
-_MARKS = {"ok": "[green]✓[/green]", "failed": "[red]✗[/red]", "unknown": "[yellow]?[/yellow]"}
+_MARKS = {"ok": ("✓", "green"), "failed": ("✗", "red"), "unknown": ("?", "yellow")}
 
 
 @dataclass(frozen=True)
@@ -243,15 +244,17 @@ def _stale(report: observe.SystemReport, registry_known: bool, interval: float) 
 
 
 def print_checklist(diagnosis: Diagnosis, console: Console) -> None:
+    """The checklist for people. Text throughout: a check's detail and items quote the
+    broker and the API (queue names, errors), never to be read as markup."""
     failed = sum(1 for c in diagnosis.checks if c.status == "failed")
-    verdict = ("[green]healthy[/green]" if diagnosis.healthy
-               else f"[red]{failed} check(s) failed[/red]")
-    console.print(f"[bold]shop doctor[/bold]: {verdict}", soft_wrap=True)
+    verdict = (("healthy", "green") if diagnosis.healthy
+               else (f"{failed} check(s) failed", "red"))
+    console.print(Text.assemble(("shop doctor", "bold"), ": ", verdict), soft_wrap=True)
     for check in diagnosis.checks:
-        console.print(f" {_MARKS[check.status]} {escape(check.name)}: {escape(check.detail)}",
+        console.print(Text.assemble(" ", _MARKS[check.status], f" {check.name}: {check.detail}"),
                       soft_wrap=True, highlight=False)
         for item in check.items:
-            console.print(f"     {escape(item)}", soft_wrap=True, highlight=False)
+            console.print(Text(f"     {item}"), soft_wrap=True, highlight=False)
 
 
 def doctor(
@@ -268,6 +271,6 @@ def doctor(
     if as_json:
         typer.echo(json.dumps(diagnosis.as_dict(), indent=2))
     else:
-        print_checklist(diagnosis, Console(highlight=False))
+        print_checklist(diagnosis, plain_console())
     if not diagnosis.healthy:
         raise typer.Exit(1)

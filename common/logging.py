@@ -14,8 +14,27 @@ import structlog
 from common.settings import ServiceSettings
 
 
-def configure_logging(settings: ServiceSettings) -> None:
-    """Route structlog and the standard library (aio-pika, uvicorn) through one renderer."""
+def _print_to_stderr(*_args: Any) -> structlog.PrintLogger:
+    # sys.stderr looked up per logger, so a replaced stream (a test's capture) is honoured.
+    return structlog.PrintLogger(sys.stderr)
+
+
+def default_logging() -> None:
+    """structlog's defaults, except that its lines go to stderr: how a logger behaves before
+    `configure_logging` runs, or in a process that never runs it. structlog prints to stdout
+    out of the box, and a command's stdout is its result."""
+    structlog.reset_defaults()
+    structlog.configure(logger_factory=_print_to_stderr)
+
+
+if not structlog.is_configured():
+    default_logging()
+
+
+def configure_logging(settings: ServiceSettings, *, name: str | None = None) -> None:
+    """Route structlog and the standard library (aio-pika, uvicorn) through one renderer,
+    on stderr. Each line names the service (`name`, by default the settings' service)."""
+    level = settings.log_level.upper()
     fmt = settings.log_format
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -44,7 +63,7 @@ def configure_logging(settings: ServiceSettings) -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
-    if logging.getLevelName(settings.log_level.upper()) != logging.DEBUG:
+    if logging.getLevelName(level) != logging.DEBUG:
         handler.addFilter(ReconnectNoise())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -58,11 +77,13 @@ def configure_logging(settings: ServiceSettings) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
-    structlog.contextvars.bind_contextvars(service=settings.service_name)
-    # Their INFO lines are per channel and per frame; what matters reaches WARNING.
-    logging.getLogger("aiormq").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, root.level))
+    root.setLevel(level)
+    structlog.contextvars.bind_contextvars(service=name or settings.service_name)
+    # Their INFO lines are per channel, per frame or per HTTP request (httpx: the CLI's
+    # calls to the order API, a service's to the management API); what matters reaches
+    # WARNING.
+    for library in ("aiormq", "aio_pika", "httpx"):
+        logging.getLogger(library).setLevel(max(logging.WARNING, root.level))
 
 
 #: What aiormq and aio-pika log while a robust connection is down and coming back: a

@@ -23,6 +23,7 @@ from rich.text import Text
 
 from common import observe
 from common.broker import connect
+from common.cli_support import plain_console
 from common.settings import ServiceSettings
 
 #: Samples of a queue's ready count kept to tell a growing backlog.
@@ -30,7 +31,7 @@ GROWTH_SAMPLES = 3
 #: The width of a saved picture when the output is not a terminal.
 SVG_WIDTH = 120
 
-err = Console(stderr=True)
+err = plain_console(stderr=True)
 
 
 def queue_names(prefix: str, snapshot: observe.BrokerSnapshot) -> list[str]:
@@ -80,15 +81,16 @@ def queue_table(rows: Sequence[observe.QueueRow], *, title: str,
         consumers = Text("missing" if not row.exists else _count(row.consumers),
                          style="bold" if row.consumers == 0 else "")
         dead = Text(_count(row.dead_letters), style="bold" if row.dead_letters else "")
-        table.add_row(row.queue, ready, _count(row.unacked), consumers, _rate(row.publish_rate),
-                      _rate(row.deliver_rate), dead, style=style)
+        # Text, not str: a queue's name is anybody's, and may read as markup.
+        table.add_row(Text(row.queue), ready, _count(row.unacked), consumers,
+                      _rate(row.publish_rate), _rate(row.deliver_rate), dead, style=style)
     return table
 
 
 def save_svg(renderable: RenderableType, path: Path, *, width: int, title: str) -> None:
     """The view as an SVG picture (Rich's console export), replaced in one step."""
-    recorder = Console(record=True, file=io.StringIO(), width=width, force_terminal=True,
-                       color_system="truecolor")
+    recorder = plain_console(record=True, file=io.StringIO(), width=width,
+                             force_terminal=True, color_system="truecolor")
     recorder.print(renderable)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(recorder.export_svg(title=title), encoding="utf-8")
@@ -122,18 +124,18 @@ def queues(
         return
     snapshot, rows = asyncio.run(read(settings))
     if not snapshot.reachable:
-        err.print(f"[red]error:[/red] {snapshot.error}", highlight=False)
+        err.print(Text.assemble(("error:", "red"), f" {snapshot.error}"))
         raise typer.Exit(1)
     if snapshot.error:
-        err.print(snapshot.error, highlight=False)
+        err.print(snapshot.error)
     table = queue_table(rows, title=f"queues ({snapshot.source})")
     if as_json:
         typer.echo(json.dumps({"source": snapshot.source,
                                "queues": [row.as_dict() for row in rows]}, indent=2))
     else:
-        Console().print(table)
+        plain_console().print(table)
     if svg is not None:
-        save_svg(table, svg, width=_width(Console()), title="shop queues")
+        save_svg(table, svg, width=_width(plain_console()), title="shop queues")
 
 
 async def _watch(settings: ServiceSettings, *, interval: float, as_json: bool,
@@ -143,7 +145,7 @@ async def _watch(settings: ServiceSettings, *, interval: float, as_json: bool,
     loop = asyncio.get_running_loop()
     if task is not None:
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    console = Console()
+    console = plain_console()
     history: dict[str, deque[int | None]] = defaultdict(lambda: deque(maxlen=GROWTH_SAMPLES))
     connection: AbstractRobustConnection | None = None
     live = None if as_json else Live(console=console, auto_refresh=False,

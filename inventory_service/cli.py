@@ -8,10 +8,9 @@ from typing import Annotated, TypeVar
 
 import typer
 from pydantic import TypeAdapter, ValidationError
-from rich.console import Console
 from rich.table import Table
 
-from common.cli_support import fail, print_json
+from common.cli_support import fail, plain_console, print_json
 from common.db import run_with_store
 from common.events import Sku
 from inventory_service.settings import InventorySettings
@@ -81,4 +80,4 @@ def list_stock(
     for level in levels:
         table.add_row(level.sku, str(level.on_hand), str(level.reserved), str(level.available),
                       level.updated_at.strftime("%Y-%m-%d %H:%M:%S"))
-    Console().print(table)
+    plain_console().print(table)

@@ -7,10 +7,9 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from common.cli_support import fail, print_json
+from common.cli_support import fail, plain_console, print_json
 from common.db import run_with_store
 from logistics_service.domain import Shipment
 from logistics_service.settings import LogisticsSettings
@@ -57,7 +56,7 @@ def list_shipments(
     elif not shipments:
         typer.echo("No shipments yet.")
     else:
-        Console().print(_table(shipments))
+        plain_console().print(_table(shipments))
 
 
 @shipments_app.command("show")
@@ -76,4 +75,4 @@ def show_shipment(
     if as_json:
         print_json(_as_dict(shipment))
     else:
-        Console().print(_table([shipment]))
+        plain_console().print(_table([shipment]))

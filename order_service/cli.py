@@ -14,11 +14,10 @@ from urllib.parse import quote
 import httpx
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from common.cli_support import print_json
+from common.cli_support import plain_console, print_json
 from order_service.domain import NewOrder, OutcomeKind, outcome_detail
 
 app = typer.Typer(
@@ -233,7 +232,7 @@ STATUS_COLOURS = {"handled": "green", "failed": "red", "retrying": "yellow",
 
 
 def _status_view(status: dict[str, Any]) -> None:
-    console = Console()
+    console = plain_console()
     order = status["order"]
     console.print(Text.assemble(
         ("order ", "bold"), order["order_id"], "  ", ("state ", "bold"),
@@ -255,8 +254,8 @@ def _status_view(status: dict[str, Any]) -> None:
                       error, "" if duration is None else f"{duration:.1f} ms",
                       _when(sub.get("at")))
     if not status["subscribers"]:
-        console.print("[yellow]no subscriber of OrderPlaced was registered when this order "
-                      "was placed[/yellow]")
+        console.print("no subscriber of OrderPlaced was registered when this order was placed",
+                      style="yellow")
     else:
         console.print(table)
     if status["outcomes"]:
@@ -329,7 +328,7 @@ def list_orders(
             if o.get(key):
                 handled.append(f" ({o[key]} {key})", style=STATUS_COLOURS[key])
         table.add_row(o["order_id"], o["state"], f"{o['total']} {o['currency']}", handled)
-    Console().print(table)
+    plain_console().print(table)
 
 
 @app.command()
@@ -349,7 +348,7 @@ def subscribers(api: Api = DEFAULT_API, as_json: AsJson = False) -> None:
         # Queue names are long and follow from the names (`--json` has them): events only.
         table.add_row(s["name"], "\n".join(sorted(s["consumes"])), s["instance"],
                       _when(s["first_seen"]), _when(s["last_seen"]))
-    Console().print(table)
+    plain_console().print(table)
 
 
 @app.command()
@@ -371,9 +370,10 @@ def retire(
         print_json(entry)
         return
     queues = ", ".join(sorted(entry["consumes"].values()))
-    Console().print(f"retired [bold]{entry['name']}[/bold]: orders placed from now on do not "
-                    f"expect it. Its queue(s) {queues} still receive events: delete them "
-                    "(`rabbitmqctl delete_queue <name>`) when it is gone for good.")
+    plain_console().print(Text.assemble(
+        "retired ", (entry["name"], "bold"),
+        f": orders placed from now on do not expect it. Its queue(s) {queues} still receive "
+        "events: delete them (`rabbitmqctl delete_queue <name>`) when it is gone for good."))
 
 
 @app.command()
@@ -407,4 +407,4 @@ def trace(
         took = step.get("duration_ms")
         table.add_row(f"{step['since_placed_ms']:.1f}", step["service"], label, step["what"],
                       "" if took is None else f"{took:.1f} ms")
-    Console().print(table)
+    plain_console().print(table)

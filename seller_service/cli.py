@@ -7,10 +7,9 @@ from typing import Annotated, TypeVar
 
 import typer
 from pydantic import TypeAdapter, ValidationError
-from rich.console import Console
 from rich.table import Table
 
-from common.cli_support import fail, print_json
+from common.cli_support import fail, plain_console, print_json
 from common.db import run_with_store
 from common.events import SellerId
 from seller_service.settings import SellerSettings
@@ -71,4 +70,4 @@ def inbox(
                           for line in note.lines)
         table.add_row(str(note.order_id), lines, f"{note.total} {note.currency}",
                       note.created_at.strftime("%Y-%m-%d %H:%M:%S"))
-    Console().print(table)
+    plain_console().print(table)

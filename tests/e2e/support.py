@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,17 @@ def poll(probe: Any, *, timeout: float, what: str) -> Any:
 
 @contextlib.contextmanager
 def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2e",
-               ready_timeout: float = 60) -> Iterator[System]:
-    """`shop up` under a unique name prefix, on free ports, with its data in `tmp`.
+               ready_timeout: float = 60, env: Mapping[str, str | None] | None = None
+               ) -> Iterator[System]:
+    """`shop up` under a unique name prefix, on free ports, with its data in `tmp`; `env`
+    overrides its environment (None: unset).
 
     Yields once the three subscribers have announced themselves; afterwards stops it with
     SIGTERM and deletes every queue and exchange under its prefix.
     """
     port = free_port()
     prefix = f"{name}{os.getpid()}{port}."
-    env = {
+    environment = {
         **os.environ,
         "AMQP_URL": amqp_url,
         "RABBITMQ_MANAGEMENT_URL": management_url,
@@ -91,11 +93,16 @@ def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2
         # Free ports for /metrics too, so a system already running here does not clash.
         **{f"{service.upper()}_METRICS_PORT": str(free_port()) for service in SERVICES},
     }
+    for key, value in (env or {}).items():
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = value
     log = tmp / "shop-up.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=environment,
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
-    system = System(env, proc, log)
+    system = System(environment, proc, log)
 
     def registry() -> bool:
         assert proc.poll() is None, f"shop up exited early:\n{system.logs()}"

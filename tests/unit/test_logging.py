@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 
 import pytest
 import structlog
 
-from common.logging import configure_logging, delivery_context, get_logger
+from common import logging as shop_logging
+from common.logging import configure_logging, default_logging, delivery_context, get_logger
 from common.settings import ServiceSettings
 
 pytestmark = pytest.mark.unit
@@ -22,10 +24,12 @@ def test_lines_inside_a_delivery_carry_its_ids_and_lines_after_it_do_not(
         with delivery_context(event_id="e-1", order_id="o-1", correlation_id="o-1"):
             log.info("inside", order_id="explicit wins")
         log.info("outside")
-        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+        captured = capsys.readouterr()
+        lines = [json.loads(line) for line in captured.err.splitlines() if line]
     finally:
-        structlog.reset_defaults()
+        default_logging()
         logging.getLogger().handlers.clear()
+    assert captured.out == ""
     inside, outside = lines[-2], lines[-1]
     assert inside["event"] == "inside"
     assert (inside["event_id"], inside["correlation_id"]) == ("e-1", "o-1")
@@ -56,7 +60,7 @@ def _logged(level: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
         return [json.loads(line)["event"]
                 for line in capsys.readouterr().err.splitlines() if line]
     finally:
-        structlog.reset_defaults()
+        default_logging()
         logging.getLogger().handlers.clear()
         logging.getLogger().setLevel(logging.WARNING)
 
@@ -72,3 +76,16 @@ def test_the_amqp_clients_reconnect_noise_gives_way_to_our_one_line(
 def test_at_debug_the_amqp_clients_reconnect_lines_are_all_kept(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert len(_logged("DEBUG", capsys)) == 7
+
+
+def test_a_logger_used_before_logging_is_configured_writes_to_stderr(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Before `configure_logging` runs, or in a process that never runs it (a library
+    user, a command that logs before its set-up), structlog's lines go to stderr: stdout is
+    a command's result."""
+    structlog.reset_defaults()  # as in a new process, before common.logging is imported
+    importlib.reload(shop_logging)
+    structlog.get_logger("test").warning("before configuration")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "before configuration" in captured.err

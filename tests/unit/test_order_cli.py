@@ -454,3 +454,76 @@ def test_trace_refuses_a_malformed_id_and_reports_an_unknown_one(
     result = run("trace", ORDER_ID)
     assert result.exit_code == 1
     assert f"order {ORDER_ID} not found" in result.stderr
+
+
+#: Text as the broker, the API or a user may hand it over: a closing tag Rich cannot match
+#: (a MarkupError), a style tag it would swallow, an emoji code it would replace.
+MARKUP = ":warning: [bold]as typed[/bold] [/x]"
+
+
+def wide(*args: str) -> str:
+    """A command's stdout on a terminal wide enough that no cell wraps, spaces squeezed."""
+    result = CliRunner().invoke(cli.app, list(args), env={"COLUMNS": "400"})
+    assert result.exit_code in (0, 1), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        result.exception
+    return flat(result.stdout)
+
+
+def test_status_prints_the_apis_text_as_it_is(api: Callable[..., FakeApi]) -> None:
+    """A subscriber's name, error and dead-letter queue, the customer and an outcome's
+    reason are printed verbatim, never read as markup."""
+    body = status_body(complete=True)
+    body["order"]["customer_id"] = f"cust {MARKUP}"
+    body["subscribers"][0]["name"] = f"name {MARKUP}"
+    body["subscribers"][1].update(error=f"error {MARKUP}", dead_letter_queue=f"dlq {MARKUP}")
+    body["outcomes"].append({"kind": "stock_failed", "at": "2025-01-01T12:00:01Z",
+                             "detail": {"reason": f"reason {MARKUP}"}})
+    api(lambda _r: httpx.Response(200, json=body))
+    shown = wide("status", ORDER_ID)
+    for field in ("cust", "name", "error", "waits in dlq", "reason"):
+        assert f"{field} {MARKUP}" in shown, shown
+
+
+def test_a_status_without_subscribers_says_so(api: Callable[..., FakeApi]) -> None:
+    """No subscriber was registered: one line says so instead of an empty table."""
+    body = status_body(complete=True)
+    body["subscribers"] = []
+    api(lambda _r: httpx.Response(200, json=body))
+    shown = wide("status", ORDER_ID)
+    assert "no subscriber of OrderPlaced was registered when this order was placed" in shown
+    assert "[" not in shown
+
+
+def test_trace_prints_the_apis_text_as_it_is(api: Callable[..., FakeApi]) -> None:
+    """A step's service and what it says (a receipt's error) are printed verbatim: a `[/x]`
+    in them crashed the trace with Rich's MarkupError."""
+    trace = {"order_id": ORDER_ID, "steps": [
+        {"at": "2025-01-01T12:00:00.020Z", "since_placed_ms": 20.0, "service": f"svc {MARKUP}",
+         "kind": "receipt", "what": f"what {MARKUP}", "outcome": "dead_lettered",
+         "duration_ms": 3.25}]}
+    api(lambda _r: httpx.Response(200, json=trace))
+    shown = wide("trace", ORDER_ID)
+    assert f"svc {MARKUP}" in shown, shown
+    assert f"what {MARKUP}" in shown
+
+
+def test_list_subscribers_and_retire_print_the_apis_text_as_it_is(
+        api: Callable[..., FakeApi]) -> None:
+    """An order's state, a subscriber's name, events, instance and queues: verbatim."""
+    summary = {"order_id": ORDER_ID, "customer_id": "cust-1", "currency": "EUR",
+               "total": "1.00", "placed_at": "2025-01-01T12:00:00Z",
+               "state": f"state {MARKUP}", "handled": 1, "failed": 0, "pending": 0}
+    api(lambda _r: httpx.Response(200, json=[summary]))
+    assert f"state {MARKUP}" in wide("list")
+    entry = {"name": f"name {MARKUP}", "consumes": {f"event {MARKUP}": f"queue {MARKUP}"},
+             "instance": f"instance {MARKUP}", "first_seen": "2025-01-01T12:00:00Z",
+             "last_seen": "2025-01-01T12:01:00Z"}
+    api(lambda _r: httpx.Response(200, json=[entry]))
+    shown = wide("subscribers")
+    for field in ("name", "event", "instance"):
+        assert f"{field} {MARKUP}" in shown, shown
+    api(lambda _r: httpx.Response(200, json=entry))
+    shown = wide("retire", "loyalty")
+    assert f"retired name {MARKUP}: orders placed" in shown, shown
+    assert f"queue {MARKUP}" in shown
