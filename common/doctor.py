@@ -29,8 +29,9 @@ from common.topology import Topology
 Status = Literal["ok", "failed", "unknown"]
 
 DEFAULT_API = "http://127.0.0.1:8000"
-#: Late orders asked for at most; more are reported as "at least".
-LATE_LIMIT = 1000
+#: Late orders asked for at most (the order API's largest page); more are reported as
+#: "at least".
+LATE_LIMIT = 200
 #: Items listed in one check's detail before "and N more".
 SHOWN = 10
 

@@ -29,6 +29,9 @@ app = typer.Typer(
 DEFAULT_API = "http://127.0.0.1:8000"
 #: Seconds between two polls of `status --wait`.
 POLL_INTERVAL = 0.5
+#: Orders asked for per request (the API's largest page), and listed at most.
+PAGE = 200
+MAX_LISTED = 10_000
 
 Api = Annotated[str, typer.Option("--api", envvar="SHOP_API_URL", show_envvar=True,
                                   help="The order service's base URL.")]
@@ -305,14 +308,36 @@ def status(
         _fail(f"still waiting after {wait:g}s for: {', '.join(waiting)}")
 
 
+def _pages(api: str, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to `limit` orders from `cursor` on (the newest without), a page at a time, and
+    where the next ones start when there are more."""
+    orders: list[dict[str, Any]] = []
+    while len(orders) < limit:
+        params: dict[str, Any] = {"limit": min(PAGE, limit - len(orders))}
+        if cursor is not None:
+            params["cursor"] = cursor
+        response = _request(api, "GET", "/orders", params=params)
+        orders += _check(response)
+        following = response.links.get("next", {}).get("url")
+        cursor = httpx.URL(following).params.get("cursor") if following else None
+        if cursor is None:
+            break
+    return orders, cursor
+
+
 @app.command("list")
 def list_orders(
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LISTED,
+                                       help="How many, newest first.")] = 50,
+    cursor: Annotated[str | None, typer.Option(
+        help="Go on from where an earlier list stopped (the cursor it printed).")] = None,
     api: Api = DEFAULT_API,
     as_json: AsJson = False,
 ) -> None:
     """The latest orders, newest first, with how many subscribers handled each."""
-    orders = _check(_request(api, "GET", "/orders", params={"limit": limit}))
+    orders, more = _pages(api, limit, cursor)
+    if more is not None:
+        typer.echo(f"more orders: shop order list --cursor {more}", err=True)
     if as_json:
         print_json(orders)
         return

@@ -19,11 +19,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common.db import create_tables, make_engine
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
 from common.settings import ServiceSettings
-from order_service.api import OrderRuntime, Work, create_app, settle_forever
+from order_service.api import (
+    PAGE_MAX,
+    OrderRuntime,
+    Work,
+    create_app,
+    decode_cursor,
+    encode_cursor,
+    settle_forever,
+)
 from order_service.domain import NewOrder, place_order
 from order_service.handlers import AUDIT_HANDLERS
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, metadata, orders
+from order_service.store import OrderStore, Position, metadata, orders
 from tests.factories import make_address, make_line
 from tests.integration.support import wait_for
 
@@ -351,12 +359,120 @@ async def test_an_order_id_that_is_not_a_uuid_is_422(client: httpx.AsyncClient) 
     assert (await client.get("/orders/not-a-uuid")).status_code == 422
 
 
-async def test_list_limit_is_checked(client: httpx.AsyncClient) -> None:
-    """limit must be between 1 and 1000, and limits the list."""
-    for _ in range(3):
-        await client.post("/orders", json=order_body())
-    assert len((await client.get("/orders", params={"limit": 2})).json()) == 2
-    assert (await client.get("/orders", params={"limit": 0})).status_code == 422
+async def store_orders(runtime: FakeRuntime, times: Sequence[datetime]) -> list[OrderPlaced]:
+    """Orders placed at these times, stored as the API stores them."""
+    placed = [place_order(NewOrder(customer_id="cust-1", lines=[make_line("SKU-1")],
+                                   shipping_address=make_address()), now=at) for at in times]
+    async with runtime.engine.begin() as conn:
+        for order in placed:
+            await OrderStore(conn).add_order(order)
+    return placed
+
+
+async def walk(client: httpx.AsyncClient, params: dict[str, Any]
+               ) -> tuple[list[list[str]], list[str]]:
+    """Every page of GET /orders, following the Link headers: the order ids page by page,
+    and the links followed."""
+    pages: list[list[str]] = []
+    links: list[str] = []
+    response = await client.get("/orders", params=params)
+    while True:
+        assert response.status_code == 200, response.text
+        pages.append([o["order_id"] for o in response.json()])
+        assert len(pages) <= 10, f"the pages do not end: {pages}"
+        following = response.links.get("next")
+        if following is None:
+            return pages, links
+        links.append(following["url"])
+        response = await client.get(response.url.join(following["url"]))
+
+
+async def test_the_list_pages_through_every_order_once_with_the_link_header(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """limit=2 over five orders, three placed at the same instant: three pages, linked by
+    `Link: <...cursor...>; rel="next"` (none on the last), together the one list in its
+    order, each order once."""
+    now = datetime.now(UTC)
+    same = now - timedelta(minutes=1)
+    await store_orders(runtime, [now - timedelta(minutes=2), same, same, same, now])
+    whole = [o["order_id"] for o in (await client.get("/orders")).json()]
+    assert len(whole) == 5
+
+    pages, links = await walk(client, {"limit": 2})
+
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert [order_id for page in pages for order_id in page] == whole
+    assert all(link.startswith("/orders?limit=2&cursor=") for link in links)
+
+
+async def test_the_late_list_pages_too(client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """late=true, limit=1 over two late orders: two pages, the link keeps late=true."""
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    await audit(runtime, SubscriberAnnounced(subscriber="inventory", instance="h:1",
+                                             consumes={"OrderPlaced": "inventory.order.placed"},
+                                             occurred_at=long_ago - timedelta(minutes=1)))
+    silent = await store_orders(runtime, [long_ago, long_ago + timedelta(seconds=1)])
+    await store_orders(runtime, [datetime.now(UTC)])  # not late yet
+
+    pages, links = await walk(client, {"limit": 1, "late": "true"})
+
+    assert pages == [[str(silent[1].order_id)], [str(silent[0].order_id)]]
+    assert "late=true" in links[0]
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"limit": 0}, "limit"), ({"limit": PAGE_MAX + 1}, "limit"),
+    ({"cursor": "not-a-cursor"}, "cursor"), ({"cursor": "x" * 65}, "cursor")])
+async def test_page_size_and_cursor_are_checked(client: httpx.AsyncClient,
+                                                params: dict[str, Any], field: str) -> None:
+    """A page of 1 to PAGE_MAX orders; a cursor must be one the API gave out: 422 naming
+    the parameter otherwise."""
+    response = await client.get("/orders", params=params)
+    assert response.status_code == 422, response.text
+    assert [e["loc"] for e in response.json()["detail"]] == [["query", field]]
+
+
+async def test_a_cursor_is_opaque_but_stands_for_the_last_order_of_its_page() -> None:
+    """encode/decode round-trip the page's last order (time to the microsecond, and id)."""
+    position = Position(datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), uuid.uuid4())
+    cursor = encode_cursor(position)
+    assert cursor.isascii()
+    assert "=" not in cursor
+    assert len(cursor) == 32
+    assert decode_cursor(cursor) == position
+
+
+async def test_a_page_lets_the_event_loop_serve_others_while_it_is_read(tmp_path: Path,
+                                                                        settings: OrderSettings
+                                                                        ) -> None:
+    """SQLite runs inline on the loop: reading a full page of orders gives the loop back
+    between slices, so other requests (a health probe) are served meanwhile."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'inline.db'}")
+    try:
+        await create_tables(engine, metadata)
+        runtime = FakeRuntime(engine, settings)
+        await store_orders(runtime, [datetime.now(UTC)] * PAGE_MAX)
+        turns = 0
+
+        async def other() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        async with engine.connect() as conn:
+            store = OrderStore(conn)
+            await store.list_orders(1)  # the connection is open and warm: no thread hop
+            ticking = asyncio.create_task(other())
+            await asyncio.sleep(0)
+            before = turns
+            listed = await store.list_orders(PAGE_MAX)
+            during = turns - before
+            ticking.cancel()
+        assert len(listed) == PAGE_MAX
+        assert during >= PAGE_MAX // 50 - 1
+    finally:
+        await engine.dispose()
 
 
 async def test_health_is_ok_when_broker_and_database_answer(client: httpx.AsyncClient) -> None:
