@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -25,6 +25,7 @@ from common import observe
 from common.broker import connect, safe_url
 from common.settings import ServiceSettings
 from common.topology import Topology
+from order_service.credentials import API_TOKEN_VAR, ApiCredentials
 
 Status = Literal["ok", "failed", "unknown"]
 
@@ -79,14 +80,17 @@ class FromApi:
     error: str | None
 
 
-async def read_api(api: str, client: httpx.AsyncClient | None = None) -> FromApi:
-    """The registry (`GET /subscribers`) and the late orders (`GET /orders?late=true`)."""
+async def read_api(api: str, client: httpx.AsyncClient | None = None,
+                   headers: Mapping[str, str] | None = None) -> FromApi:
+    """The registry (`GET /subscribers`) and the late orders (`GET /orders?late=true`);
+    `headers` carry the API token when there is one."""
     own = client is None
     http = client or httpx.AsyncClient(base_url=api, timeout=10.0)
     try:
-        subscribers = await http.get("/subscribers")
+        subscribers = await http.get("/subscribers", headers=headers)
         subscribers.raise_for_status()
-        late = await http.get("/orders", params={"late": "true", "limit": LATE_LIMIT})
+        late = await http.get("/orders", params={"late": "true", "limit": LATE_LIMIT},
+                              headers=headers)
         late.raise_for_status()
         registry = [observe.Announced(name=s["name"], consumes=s["consumes"],
                                       last_seen=datetime.fromisoformat(s["last_seen"]))
@@ -96,8 +100,10 @@ async def read_api(api: str, client: httpx.AsyncClient | None = None) -> FromApi
         return FromApi(None, None, f"cannot reach the order API at {api}: is the order service "
                                    "running? (shop up)")
     except httpx.HTTPStatusError as exc:
+        hint = (f" (set {API_TOKEN_VAR} to the service's token)"
+                if exc.response.status_code == 401 else "")
         return FromApi(None, None, f"the order API at {api} answered "
-                                   f"{exc.response.status_code} to {exc.request.url.path}")
+                                   f"{exc.response.status_code} to {exc.request.url.path}{hint}")
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         return FromApi(None, None, f"the order API at {api} failed: {type(exc).__name__}: {exc}")
     finally:
@@ -111,7 +117,8 @@ def _listed(items: Sequence[str]) -> tuple[str, ...]:
 
 
 async def diagnose(settings: ServiceSettings, api: str, *, amqp_wait: float = 3.0,
-                   client: httpx.AsyncClient | None = None) -> Diagnosis:
+                   client: httpx.AsyncClient | None = None,
+                   headers: Mapping[str, str] | None = None) -> Diagnosis:
     """Run every check; never raises for what it finds, only reports it."""
     now = datetime.now(UTC)
     diagnosis = Diagnosis(checked_at=now)
@@ -125,7 +132,7 @@ async def diagnose(settings: ServiceSettings, api: str, *, amqp_wait: float = 3.
     except ConnectionError as exc:
         checks.append(Check("broker reachable (AMQP)", "failed", str(exc)))
 
-    from_api = await read_api(api, client)
+    from_api = await read_api(api, client, headers)
     if from_api.error is None and from_api.registry is not None:
         checks.append(Check("order API answers", "ok",
                             f"{api}: {len(from_api.registry)} subscriber(s) registered"))
@@ -265,7 +272,8 @@ def doctor(
 
     Exits 1 when a check fails, so it can run from cron or as a health check.
     """
-    diagnosis = asyncio.run(diagnose(ServiceSettings(), api))
+    diagnosis = asyncio.run(diagnose(ServiceSettings(), api,
+                                     headers=ApiCredentials().headers()))
     if as_json:
         typer.echo(json.dumps(diagnosis.as_dict(), indent=2))
     else:

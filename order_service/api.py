@@ -11,12 +11,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Generic, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlencode
 
 import uvicorn
 from aio_pika.abc import AbstractConnection
-from fastapi import FastAPI, Header, HTTPException, Query, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
@@ -36,6 +36,7 @@ from common.observe import (
 from common.settings import ServiceSettings
 from common.telemetry import tracer
 from common.topology import Topology
+from order_service.access import PROBE, ApiToken, HostCheck, declare_api_token, operator_only
 from order_service.domain import (
     NewOrder,
     OrderState,
@@ -238,6 +239,20 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+class _Api(FastAPI):
+    """FastAPI, with the API token declared in the OpenAPI document when one guards it."""
+
+    #: When a token guards the API: the paths open without it.
+    open_paths: frozenset[str] | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        fresh = self.openapi_schema is None
+        schema = super().openapi()
+        if fresh and self.open_paths is not None:
+            declare_api_token(schema, self.open_paths)
+        return schema
+
+
 async def settle_answered(rt: OrderRuntime, now: datetime, cutoff: datetime) -> None:
     """Mark settled the orders answered since the last look (`OrderStore.settle_answered`),
     a chunk per transaction, so the late-orders scan that follows reads only the rest."""
@@ -259,13 +274,22 @@ async def settle_answered(rt: OrderRuntime, now: datetime, cutoff: datetime) -> 
 
 def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI:
     """The API over a running service; with `runtime=None` only the docs work (503 else)."""
-    app = FastAPI(
+    app = _Api(
         title="Order service",
         version="1.0",
         description="Place orders and follow their fan-out: which subscribers handled each "
                     "order's OrderPlaced, which failed and why, and the domain outcomes.",
     )
+    open_paths = {"/", PROBE, *(path for path in (app.docs_url, app.redoc_url, app.openapi_url,
+                                                  app.swagger_ui_oauth2_redirect_url) if path)}
+    if settings.api_token is not None:
+        app.open_paths = frozenset(open_paths)
+    # The last added runs first: the Host, then the token, before a body is read.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiToken, api=settings.api_token, operator=settings.operator_token,
+                       open_paths=open_paths)
+    app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
+    operator = operator_only(operator=settings.operator_token, api=settings.api_token)
 
     late_after = timedelta(seconds=settings.late_after)
     recent: Recent[SystemReport] = Recent()
@@ -410,9 +434,15 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
             return await OrderStore(conn).list_subscribers()
 
     @app.delete("/subscribers/{name}", response_model=Subscriber,
-                responses={404: {"model": Problem, "description": "Not registered."},
+                dependencies=[Depends(operator)],
+                responses={401: {"model": Problem, "description": "No operator token, or "
+                                                                  "not a valid one."},
+                           403: {"model": Problem, "description": "Operator actions are off "
+                                                                  "(no SHOP_OPERATOR_TOKEN), "
+                                                                  "or the API token was sent."},
+                           404: {"model": Problem, "description": "Not registered."},
                            409: {"model": Problem, "description": "Still announcing itself."}},
-                summary="Retire a subscriber")
+                summary="Retire a subscriber (an operator action)")
     async def retire_subscriber(
         name: str,
         force: Annotated[bool, Query(description="Retire it even though it announced itself "
@@ -425,7 +455,7 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         filling: `GET /system` then reports it as unannounced until it is deleted.
 
         Refused while the subscriber still announces itself (within two announcement
-        intervals), unless `force`.
+        intervals), unless `force`. Needs the operator token (`SHOP_OPERATOR_TOKEN`).
         """
         rt = need()
         now = datetime.now(UTC)

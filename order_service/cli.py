@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common.cli_support import print_json
+from order_service.credentials import ApiCredentials
 from order_service.domain import NewOrder, OutcomeKind, outcome_detail
 
 app = typer.Typer(
@@ -126,24 +127,36 @@ def _read_file(file: str) -> dict[str, Any]:
 PLACE_ATTEMPTS = 3
 
 
-def _request(api: str, method: str, path: str, *, attempts: int = 1,
+def _request(api: str, method: str, path: str, *, attempts: int = 1, operator: bool = False,
              **kwargs: Any) -> httpx.Response:
-    """One request; `attempts` > 1 only for a request the server takes once however often
-    it is sent (a lost answer is then asked for again)."""
+    """One request, with the token from the environment (the operator's for an `operator`
+    action); `attempts` > 1 only for a request the server takes once however often it is
+    sent (a lost answer is then asked for again)."""
+    credentials = ApiCredentials()
+    kwargs["headers"] = {**kwargs.get("headers", {}), **credentials.headers(operator=operator)}
     try:
         with make_client(api) as client:
             for _ in range(attempts - 1):
                 try:
-                    return client.request(method, path, **kwargs)
+                    response = client.request(method, path, **kwargs)
+                    break
                 except httpx.TransportError:
                     continue
-            return client.request(method, path, **kwargs)
+            else:
+                response = client.request(method, path, **kwargs)
     except httpx.ConnectError:
         _fail(f"cannot reach the order API at {api}: is the order service running? (shop up)")
     except httpx.TimeoutException:
         _fail(f"the order API at {api} did not answer in time")
     except httpx.HTTPError as exc:
         _fail(f"talking to the order API at {api} failed: {exc}")
+    if response.status_code == 401:
+        variable = credentials.variable(operator=operator)
+        sent = "authorization" in response.request.headers
+        _fail(f"the order API at {api} refused the token in {variable}: set it to the "
+              "service's token" if sent else
+              f"the order API at {api} wants a token: set {variable} to the service's token")
+    return response
 
 
 def _check(response: httpx.Response) -> Any:
@@ -387,11 +400,12 @@ def retire(
     as_json: AsJson = False,
 ) -> None:
     """Take a subscriber shut down for good out of the registry: orders placed from now on
-    stop expecting it. Its queue stays on the broker until you delete it."""
+    stop expecting it. Its queue stays on the broker until you delete it. An operator
+    action: sends SHOP_OPERATOR_TOKEN."""
     if not name.strip():
         _fail("the subscriber's name is empty", BAD_INPUT)
     entry = _check(_request(api, "DELETE", f"/subscribers/{quote(name, safe='')}",
-                            params={"force": "true"} if force else None))
+                            params={"force": "true"} if force else None, operator=True))
     if as_json:
         print_json(entry)
         return

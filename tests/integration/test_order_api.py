@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.db import create_tables, make_engine
@@ -65,9 +66,19 @@ class FakeRuntime:
         return True
 
 
+API_TOKEN = "api-token-0123456789abcdef"
+OPERATOR_TOKEN = "operator-token-0123456789abcdef"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> OrderSettings:
-    return OrderSettings(max_body_bytes=MAX_BODY, data_dir=tmp_path)
+    # Tokens given as None, so a developer's own SHOP_*_TOKEN does not change the tests.
+    return OrderSettings(max_body_bytes=MAX_BODY, data_dir=tmp_path, api_token=None,
+                         operator_token=None)
 
 
 @pytest.fixture
@@ -78,12 +89,20 @@ async def runtime(db_url: str, settings: OrderSettings) -> AsyncIterator[FakeRun
     await engine.dispose()
 
 
+@contextlib.asynccontextmanager
+async def api(runtime: FakeRuntime | None, settings: OrderSettings,
+              headers: dict[str, str] | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the API over `runtime`, addressing it as localhost."""
+    app = create_app(runtime, settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://localhost", headers=headers) as client:
+        yield client
+
+
 @pytest.fixture
 async def client(runtime: FakeRuntime, settings: OrderSettings
                  ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(runtime, settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
+    async with api(runtime, settings) as client:
         yield client
 
 
@@ -157,11 +176,21 @@ async def test_status_of_a_placed_order(client: httpx.AsyncClient, runtime: Fake
     assert [s["name"] for s in registry] == ["inventory", "seller"]
 
 
+@pytest.fixture
+async def operator(runtime: FakeRuntime, settings: OrderSettings
+                   ) -> AsyncIterator[httpx.AsyncClient]:
+    """A client sending the operator token to a service that has one."""
+    with_operator = settings.model_copy(update={"operator_token": SecretStr(OPERATOR_TOKEN)})
+    async with api(runtime, with_operator, bearer(OPERATOR_TOKEN)) as client:
+        yield client
+
+
 async def test_a_retired_subscriber_is_no_longer_expected_by_new_orders(
-        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+        operator: httpx.AsyncClient, runtime: FakeRuntime) -> None:
     """DELETE /subscribers/{name}: refused (409) while it still announces itself unless
     forced, 404 when unknown; orders placed afterwards do not expect it, earlier ones still
     do."""
+    client = operator
     long_ago = datetime.now(UTC) - timedelta(hours=1)
     await audit(runtime, SubscriberAnnounced(subscriber="inventory", instance="h:1",
                                              consumes={"OrderPlaced": "inventory.order.placed"}))
@@ -496,7 +525,7 @@ async def test_without_a_runtime_only_the_docs_answer(settings: OrderSettings) -
     """create_app(None): OpenAPI docs work, everything else is 503."""
     app = create_app(None, settings)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
+                                 base_url="http://localhost") as client:
         assert (await client.get("/docs")).status_code == 200
         spec = (await client.get("/openapi.json")).json()
         assert {"/orders", "/orders/{order_id}", "/healthz", "/subscribers"} <= set(spec["paths"])
@@ -555,3 +584,153 @@ async def test_a_malformed_idempotency_key_is_refused(client: httpx.AsyncClient,
     assert response.status_code == 422, response.text
     assert "Idempotency-Key" in response.text
     assert runtime.published == []
+
+
+# --- who may use the API: tokens and the Host header --------------------------------------
+
+def guarded(settings: OrderSettings, *, api_token: str | None = API_TOKEN,
+            operator_token: str | None = OPERATOR_TOKEN) -> OrderSettings:
+    return settings.model_copy(update={
+        "api_token": SecretStr(api_token) if api_token else None,
+        "operator_token": SecretStr(operator_token) if operator_token else None})
+
+
+#: Every route but the open ones: (method, path, body).
+GUARDED = [("POST", "/orders"), ("GET", "/orders"), ("GET", f"/orders/{uuid.uuid4()}"),
+           ("GET", f"/orders/{uuid.uuid4()}/trace"), ("GET", "/subscribers"), ("GET", "/system"),
+           ("DELETE", "/subscribers/old")]
+OPEN = ["/healthz", "/", "/docs", "/redoc", "/openapi.json"]
+
+
+async def test_with_an_api_token_every_route_but_the_open_ones_needs_it(
+        runtime: FakeRuntime, settings: OrderSettings) -> None:
+    """SHOP_API_TOKEN set: 401 with `WWW-Authenticate: Bearer` without it or with another
+    token, on every route of the API; the health probe, the page and the docs stay open."""
+    async with api(runtime, guarded(settings)) as client:
+        for method, path in GUARDED:
+            missing = await client.request(method, path, json=order_body())
+            wrong = await client.request(method, path, json=order_body(),
+                                         headers=bearer("not-the-token-0123456789"))
+            assert (missing.status_code, wrong.status_code) == (401, 401), (method, path)
+            assert missing.headers["www-authenticate"].startswith("Bearer")
+            assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+            assert "SHOP_API_TOKEN" in missing.json()["detail"]
+        for path in OPEN:
+            assert (await client.get(path)).status_code == 200, path
+        assert runtime.published == []
+
+
+async def test_the_api_token_and_the_operator_token_both_let_a_client_in(
+        runtime: FakeRuntime, settings: OrderSettings) -> None:
+    """Either token places an order and reads the list."""
+    for token in (API_TOKEN, OPERATOR_TOKEN):
+        async with api(runtime, guarded(settings), bearer(token)) as client:
+            assert (await client.post("/orders", json=order_body())).status_code == 202
+            assert (await client.get("/orders")).status_code == 200
+    assert len(runtime.published) == 2
+
+
+async def test_without_tokens_the_api_is_open_but_operator_actions_are_off(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """No token configured (loopback only): orders are placed and read without one; retiring
+    a subscriber answers 403 saying how to turn operator actions on, and retires nothing."""
+    await audit(runtime, SubscriberAnnounced(subscriber="old", instance="h:1",
+                                             consumes={"OrderPlaced": "old.order.placed"}))
+    assert (await client.post("/orders", json=order_body())).status_code == 202
+    assert (await client.get("/orders")).status_code == 200
+    refused = await client.delete("/subscribers/old", params={"force": "true"})
+    assert refused.status_code == 403, refused.text
+    assert "SHOP_OPERATOR_TOKEN" in refused.json()["detail"]
+    assert [s["name"] for s in (await client.get("/subscribers")).json()] == ["old"]
+
+
+@pytest.mark.parametrize("api_token", [API_TOKEN, None])
+async def test_an_operator_action_needs_the_operator_token(
+        runtime: FakeRuntime, settings: OrderSettings, api_token: str | None) -> None:
+    """With or without an API token: no token or another one is 401; the API token is 403
+    (not enough); the operator token gets through (404 here: nobody to retire)."""
+    async with api(runtime, guarded(settings, api_token=api_token)) as client:
+        tries = {"none": {}, "wrong": bearer("not-the-token-0123456789"),
+                 "api": bearer(API_TOKEN), "operator": bearer(OPERATOR_TOKEN)}
+        answers = {name: (await client.delete("/subscribers/old", headers=headers))
+                   for name, headers in tries.items()}
+    expected_api = 403 if api_token else 401  # without an API token configured it is unknown
+    assert {n: r.status_code for n, r in answers.items()} == {
+        "none": 401, "wrong": 401, "api": expected_api, "operator": 404}
+    assert answers["none"].headers["www-authenticate"].startswith("Bearer")
+    assert "SHOP_OPERATOR_TOKEN" in answers["api"].json()["detail"]
+
+
+async def test_the_openapi_document_declares_the_bearer_schemes(
+        runtime: FakeRuntime, settings: OrderSettings) -> None:
+    """With an API token: every guarded operation names it (or the operator's) and its 401;
+    the operator action names only the operator's; the health probe none. Without: only the
+    operator action has a scheme."""
+    async with api(runtime, guarded(settings)) as client:
+        spec = (await client.get("/openapi.json")).json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["ApiToken"] == {"type": "http", "scheme": "bearer", "description": ANY_TEXT}
+    assert schemes["OperatorToken"]["scheme"] == "bearer"
+    paths = spec["paths"]
+    for path, method in [("/orders", "post"), ("/orders", "get"), ("/orders/{order_id}", "get"),
+                         ("/subscribers", "get"), ("/system", "get")]:
+        assert paths[path][method]["security"] == [{"ApiToken": []}, {"OperatorToken": []}]
+        assert "401" in paths[path][method]["responses"]
+    assert paths["/subscribers/{name}"]["delete"]["security"] == [{"OperatorToken": []}]
+    assert "security" not in paths["/healthz"]["get"]
+
+    async with api(runtime, settings) as client:
+        spec = (await client.get("/openapi.json")).json()
+    assert set(spec["components"]["securitySchemes"]) == {"OperatorToken"}
+    secured = {(p, m) for p, ops in spec["paths"].items() for m, op in ops.items()
+               if "security" in op}
+    assert secured == {("/subscribers/{name}", "delete")}
+
+
+class _AnyText:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_TEXT: Any = _AnyText()
+
+
+@pytest.mark.parametrize(("allowed", "host", "served"), [
+    (None, "localhost:8000", True),
+    (None, "127.0.0.1:8000", True),
+    (None, "[::1]:8000", True),
+    (None, "[::1]", True),
+    (None, "LOCALHOST", True),
+    (None, "attacker.example", False),
+    (None, "attacker.example:8000", False),
+    (None, "localhost.attacker.example", False),
+    (None, "[::1]x", False),
+    (None, "::1", False),
+    (None, "", False),
+    ("shop.example,[2001:db8::1]", "shop.example:443", True),
+    ("shop.example,[2001:db8::1]", "[2001:db8::1]:8000", True),
+    ("shop.example,[2001:db8::1]", "localhost:8000", False),
+    ("*", "attacker.example", True),
+])
+async def test_a_request_for_another_host_is_refused(
+        runtime: FakeRuntime, settings: OrderSettings, allowed: str | None, host: str,
+        served: bool) -> None:
+    """Only the Host names of ORDER_ALLOWED_HOSTS are served (default the loopback names,
+    IPv6 literals in brackets, any port); another gets 400 saying what to set, so a page
+    whose name was rebound to this machine reads nothing. `*` serves any."""
+    if allowed is not None:
+        hosts = OrderSettings.model_validate({"allowed_hosts": allowed}).allowed_hosts
+        settings = settings.model_copy(update={"allowed_hosts": hosts})
+    async with api(runtime, settings) as client:
+        response = await client.get("/orders", headers={"Host": host})
+    if served:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 400, response.text
+        assert "ORDER_ALLOWED_HOSTS" in response.json()["detail"]
+
+
+async def test_the_health_probe_answers_whatever_the_host(client: httpx.AsyncClient) -> None:
+    """A load balancer probing by address still gets /healthz; the rest of the API not."""
+    assert (await client.get("/healthz", headers={"Host": "10.0.0.7:8000"})).status_code == 200
+    assert (await client.get("/", headers={"Host": "10.0.0.7:8000"})).status_code == 400
