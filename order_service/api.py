@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
 import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlencode
@@ -48,6 +47,7 @@ from order_service.domain import (
     place_order,
     same_order,
 )
+from order_service.http_server import Server, server_config
 from order_service.settings import OrderSettings
 from order_service.store import OrderStore, Position
 from order_service.webpage import index_page
@@ -540,14 +540,6 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the kit's runner owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 async def _serve(server: uvicorn.Server, where: str) -> None:
     try:
         await server.serve()
@@ -563,10 +555,7 @@ async def serve_api(runtime: OrderRuntime) -> None:
     settings = runtime.settings
     if not isinstance(settings, OrderSettings):
         raise TypeError(f"serve_api needs OrderSettings, got {type(settings).__name__}")
-    app = create_app(runtime, settings)
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
-                            log_config=None, lifespan="off", timeout_graceful_shutdown=5)
-    server = _Server(config)
+    server = Server(server_config(create_app(runtime, settings), settings))
     serving = asyncio.create_task(_serve(server, f"{settings.http_host}:{settings.http_port}"))
     late_after = timedelta(seconds=settings.late_after)
     settling = asyncio.create_task(settle_forever(runtime, late_after,
