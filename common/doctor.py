@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -26,12 +26,14 @@ from common.broker import connect, safe_url
 from common.cli_support import plain_console
 from common.settings import ServiceSettings
 from common.topology import Topology
+from order_service.credentials import API_TOKEN_VAR, ApiCredentials
 
 Status = Literal["ok", "failed", "unknown"]
 
 DEFAULT_API = "http://127.0.0.1:8000"
-#: Late orders asked for at most; more are reported as "at least".
-LATE_LIMIT = 1000
+#: Late orders asked for at most (the order API's largest page); more are reported as
+#: "at least".
+LATE_LIMIT = 200
 #: Items listed in one check's detail before "and N more".
 SHOWN = 10
 
@@ -79,14 +81,17 @@ class FromApi:
     error: str | None
 
 
-async def read_api(api: str, client: httpx.AsyncClient | None = None) -> FromApi:
-    """The registry (`GET /subscribers`) and the late orders (`GET /orders?late=true`)."""
+async def read_api(api: str, client: httpx.AsyncClient | None = None,
+                   headers: Mapping[str, str] | None = None) -> FromApi:
+    """The registry (`GET /subscribers`) and the late orders (`GET /orders?late=true`);
+    `headers` carry the API token when there is one."""
     own = client is None
     http = client or httpx.AsyncClient(base_url=api, timeout=10.0)
     try:
-        subscribers = await http.get("/subscribers")
+        subscribers = await http.get("/subscribers", headers=headers)
         subscribers.raise_for_status()
-        late = await http.get("/orders", params={"late": "true", "limit": LATE_LIMIT})
+        late = await http.get("/orders", params={"late": "true", "limit": LATE_LIMIT},
+                              headers=headers)
         late.raise_for_status()
         registry = [observe.Announced(name=s["name"], consumes=s["consumes"],
                                       last_seen=datetime.fromisoformat(s["last_seen"]))
@@ -96,8 +101,10 @@ async def read_api(api: str, client: httpx.AsyncClient | None = None) -> FromApi
         return FromApi(None, None, f"cannot reach the order API at {api}: is the order service "
                                    "running? (shop up)")
     except httpx.HTTPStatusError as exc:
+        hint = (f" (set {API_TOKEN_VAR} to the service's token)"
+                if exc.response.status_code == 401 else "")
         return FromApi(None, None, f"the order API at {api} answered "
-                                   f"{exc.response.status_code} to {exc.request.url.path}")
+                                   f"{exc.response.status_code} to {exc.request.url.path}{hint}")
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         return FromApi(None, None, f"the order API at {api} failed: {type(exc).__name__}: {exc}")
     finally:
@@ -111,7 +118,8 @@ def _listed(items: Sequence[str]) -> tuple[str, ...]:
 
 
 async def diagnose(settings: ServiceSettings, api: str, *, amqp_wait: float = 3.0,
-                   client: httpx.AsyncClient | None = None) -> Diagnosis:
+                   client: httpx.AsyncClient | None = None,
+                   headers: Mapping[str, str] | None = None) -> Diagnosis:
     """Run every check; never raises for what it finds, only reports it."""
     now = datetime.now(UTC)
     diagnosis = Diagnosis(checked_at=now)
@@ -125,7 +133,7 @@ async def diagnose(settings: ServiceSettings, api: str, *, amqp_wait: float = 3.
     except ConnectionError as exc:
         checks.append(Check("broker reachable (AMQP)", "failed", str(exc)))
 
-    from_api = await read_api(api, client)
+    from_api = await read_api(api, client, headers)
     if from_api.error is None and from_api.registry is not None:
         checks.append(Check("order API answers", "ok",
                             f"{api}: {len(from_api.registry)} subscriber(s) registered"))
@@ -267,7 +275,8 @@ def doctor(
 
     Exits 1 when a check fails, so it can run from cron or as a health check.
     """
-    diagnosis = asyncio.run(diagnose(ServiceSettings(), api))
+    diagnosis = asyncio.run(diagnose(ServiceSettings(), api,
+                                     headers=ApiCredentials().headers()))
     if as_json:
         typer.echo(json.dumps(diagnosis.as_dict(), indent=2))
     else:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+
+from pydantic import ValidationError
 
 from common.events import OrderPlaced
 from common.logging import configure_logging
@@ -10,7 +13,7 @@ from common.runner import run_service
 from common.service import ServiceSpec
 from order_service.api import serve_api
 from order_service.handlers import AUDIT_HANDLERS, HANDLERS
-from order_service.settings import OrderSettings
+from order_service.settings import OrderSettings, refusal
 from order_service.store import OrderStore, metadata, upgrade_schema
 
 SPEC = ServiceSpec(
@@ -27,7 +30,10 @@ SPEC = ServiceSpec(
 
 def main() -> None:
     """Entry point of `python -m order_service` and `shop run order`."""
-    settings = OrderSettings()
+    try:
+        settings = OrderSettings()
+    except ValidationError as exc:
+        sys.exit(f"the order service refuses to start:\n{refusal(exc)}")
     configure_logging(settings)
     asyncio.run(run_service(SPEC, settings, extra=serve_api))
 

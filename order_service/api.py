@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import functools
 import json
 import math
+import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Protocol, TypeVar
+from urllib.parse import urlencode
 
 import uvicorn
 from aio_pika.abc import AbstractConnection
-from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.datastructures import Headers
@@ -39,6 +41,7 @@ from common.observe import (
 from common.settings import ServiceSettings
 from common.telemetry import tracer
 from common.topology import Topology
+from order_service.access import PROBE, ApiToken, HostCheck, declare_api_token, operator_only
 from order_service.domain import (
     NewOrder,
     OrderState,
@@ -50,8 +53,9 @@ from order_service.domain import (
     place_order,
     same_order,
 )
+from order_service.http_server import Server, server_config
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore
+from order_service.store import OrderStore, Position
 from order_service.webpage import index_page
 
 Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]
@@ -117,6 +121,46 @@ class Problem(BaseModel):
     """An error answer."""
 
     detail: str
+
+
+#: The most orders one `GET /orders` answers. Each order's fan-out is worked out on the event
+#: loop (SQLite runs inline), about 3 ms per 50 orders: a bounded page keeps one client from
+#: holding up every other, and the cursor makes a deep page as cheap as the first.
+PAGE_MAX = 200
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CURSOR_LENGTH = 32  # 8 bytes of time and 16 of order id, in base64url without padding
+
+
+def encode_cursor(position: Position) -> str:
+    """An opaque cursor for the page after `position`."""
+    micros = (position.placed_at - _EPOCH) // timedelta(microseconds=1)
+    raw = struct.pack(">q", micros) + position.order_id.bytes
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Position:
+    """The position a cursor of `encode_cursor` stands for; ValueError for anything else."""
+    try:
+        if len(cursor) != _CURSOR_LENGTH:
+            raise ValueError(cursor)
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii") + b"====")
+        (micros,) = struct.unpack(">q", raw[:8])
+        return Position(_EPOCH + timedelta(microseconds=micros), uuid.UUID(bytes=raw[8:]))
+    except (ValueError, struct.error, OverflowError):
+        raise ValueError("not a cursor this API gave out: take it from the Link header of "
+                         "the previous page") from None
+
+
+def _checked_cursor(cursor: str | None) -> str | None:
+    if cursor is not None:
+        decode_cursor(cursor)
+    return cursor
+
+
+Cursor = Annotated[str | None, Query(
+    max_length=64, description="Where the page starts: the cursor in the previous page's "
+                               "`Link` header; the first page without it."),
+    AfterValidator(_checked_cursor)]
 
 
 class Recent(Generic[T]):
@@ -276,6 +320,20 @@ async def http_problem(request: Request, exc: StarletteHTTPException) -> Respons
     return await http_exception_handler(request, exc)
 
 
+class _Api(FastAPI):
+    """FastAPI, with the API token declared in the OpenAPI document when one guards it."""
+
+    #: When a token guards the API: the paths open without it.
+    open_paths: frozenset[str] | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        fresh = self.openapi_schema is None
+        schema = super().openapi()
+        if fresh and self.open_paths is not None:
+            declare_api_token(schema, self.open_paths)
+        return schema
+
+
 async def settle_answered(rt: OrderRuntime, now: datetime, cutoff: datetime) -> None:
     """Mark settled the orders answered since the last look (`OrderStore.settle_answered`),
     a chunk per transaction, so the late-orders scan that follows reads only the rest."""
@@ -297,15 +355,24 @@ async def settle_answered(rt: OrderRuntime, now: datetime, cutoff: datetime) -> 
 
 def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI:
     """The API over a running service; with `runtime=None` only the docs work (503 else)."""
-    app = FastAPI(
+    app = _Api(
         title="Order service",
         version="1.0",
         description="Place orders and follow their fan-out: which subscribers handled each "
                     "order's OrderPlaced, which failed and why, and the domain outcomes.",
     )
+    open_paths = {"/", PROBE, *(path for path in (app.docs_url, app.redoc_url, app.openapi_url,
+                                                  app.swagger_ui_oauth2_redirect_url) if path)}
+    if settings.api_token is not None:
+        app.open_paths = frozenset(open_paths)
+    # The last added runs first: the Host, then the token, before a body is read.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.exception_handler(RequestValidationError)(invalid_request)
     app.exception_handler(StarletteHTTPException)(http_problem)
+    app.add_middleware(ApiToken, api=settings.api_token, operator=settings.operator_token,
+                       open_paths=open_paths)
+    app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
+    operator = operator_only(operator=settings.operator_token, api=settings.api_token)
 
     late_after = timedelta(seconds=settings.late_after)
     recent: Recent[SystemReport] = Recent()
@@ -413,21 +480,39 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
             raise HTTPException(404, f"order {order_id} not found")
         return found
 
-    @app.get("/orders", response_model=list[OrderSummary], summary="The latest orders")
+    @app.get("/orders", response_model=list[OrderSummary], summary="The latest orders",
+             responses={200: {"headers": {"Link": {
+                 "description": 'Where the next page is, when there is one: '
+                                '`</orders?limit=50&cursor=...>; rel="next"`.',
+                 "schema": {"type": "string"}}}}})
     async def list_orders(
-        limit: Annotated[int, Query(ge=1, le=1000, description="How many, newest first.")] = 50,
+        response: Response,
+        limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="How many, newest "
+                                                                   "first.")] = 50,
+        cursor: Cursor = None,
         late: Annotated[bool, Query(description="Only orders with a late subscriber.")] = False,
     ) -> list[OrderSummary]:
         """The latest orders, newest first, with their fan-out counts and each subscriber's
-        status."""
+        status, a page at a time: when there are more, the `Link` header (`rel="next"`)
+        gives the next page's address."""
+        after = decode_cursor(cursor) if cursor is not None else None
         now = datetime.now(UTC)
         if late:
             await settle_answered(need(), now, now - late_after)
         async with need().engine.connect() as conn:
             store = OrderStore(conn)
+            # One more than asked for tells whether a next page exists.
             if late:
-                return await store.late_orders(now, late_after, limit=limit)
-            return await store.list_orders(limit, now=now, late_after=late_after)
+                found = await store.late_orders(now, late_after, limit=limit + 1, after=after)
+            else:
+                found = await store.list_orders(limit + 1, after=after, now=now,
+                                                late_after=late_after)
+        if len(found) > limit:
+            found = found[:limit]
+            query = {"limit": limit, "cursor": encode_cursor(Position.of(found[-1])),
+                     **({"late": "true"} if late else {})}
+            response.headers["Link"] = f'</orders?{urlencode(query)}>; rel="next"'
+        return found
 
     @app.get("/subscribers", response_model=list[Subscriber], summary="The subscriber registry")
     async def list_subscribers() -> list[Subscriber]:
@@ -436,9 +521,15 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
             return await OrderStore(conn).list_subscribers()
 
     @app.delete("/subscribers/{name}", response_model=Subscriber,
-                responses={404: {"model": Problem, "description": "Not registered."},
+                dependencies=[Depends(operator)],
+                responses={401: {"model": Problem, "description": "No operator token, or "
+                                                                  "not a valid one."},
+                           403: {"model": Problem, "description": "Operator actions are off "
+                                                                  "(no SHOP_OPERATOR_TOKEN), "
+                                                                  "or the API token was sent."},
+                           404: {"model": Problem, "description": "Not registered."},
                            409: {"model": Problem, "description": "Still announcing itself."}},
-                summary="Retire a subscriber")
+                summary="Retire a subscriber (an operator action)")
     async def retire_subscriber(
         name: str,
         force: Annotated[bool, Query(description="Retire it even though it announced itself "
@@ -451,7 +542,7 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         filling: `GET /system` then reports it as unannounced until it is deleted.
 
         Refused while the subscriber still announces itself (within two announcement
-        intervals), unless `force`.
+        intervals), unless `force`. Needs the operator token (`SHOP_OPERATOR_TOKEN`).
         """
         rt = need()
         now = datetime.now(UTC)
@@ -536,14 +627,6 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the kit's runner owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 async def _serve(server: uvicorn.Server, where: str) -> None:
     try:
         await server.serve()
@@ -559,10 +642,7 @@ async def serve_api(runtime: OrderRuntime) -> None:
     settings = runtime.settings
     if not isinstance(settings, OrderSettings):
         raise TypeError(f"serve_api needs OrderSettings, got {type(settings).__name__}")
-    app = create_app(runtime, settings)
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
-                            log_config=None, lifespan="off", timeout_graceful_shutdown=5)
-    server = _Server(config)
+    server = Server(server_config(create_app(runtime, settings), settings))
     serving = asyncio.create_task(_serve(server, f"{settings.http_host}:{settings.http_port}"))
     late_after = timedelta(seconds=settings.late_after)
     settling = asyncio.create_task(settle_forever(runtime, late_after,

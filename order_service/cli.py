@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common.cli_support import plain_console, print_json
+from order_service.credentials import ApiCredentials
 from order_service.domain import NewOrder, OutcomeKind, outcome_detail
 
 app = typer.Typer(
@@ -28,6 +29,9 @@ app = typer.Typer(
 DEFAULT_API = "http://127.0.0.1:8000"
 #: Seconds between two polls of `status --wait`.
 POLL_INTERVAL = 0.5
+#: Orders asked for per request (the API's largest page), and listed at most.
+PAGE = 200
+MAX_LISTED = 10_000
 
 Api = Annotated[str, typer.Option("--api", envvar="SHOP_API_URL", show_envvar=True,
                                   help="The order service's base URL.")]
@@ -122,24 +126,36 @@ def _read_file(file: str) -> dict[str, Any]:
 PLACE_ATTEMPTS = 3
 
 
-def _request(api: str, method: str, path: str, *, attempts: int = 1,
+def _request(api: str, method: str, path: str, *, attempts: int = 1, operator: bool = False,
              **kwargs: Any) -> httpx.Response:
-    """One request; `attempts` > 1 only for a request the server takes once however often
-    it is sent (a lost answer is then asked for again)."""
+    """One request, with the token from the environment (the operator's for an `operator`
+    action); `attempts` > 1 only for a request the server takes once however often it is
+    sent (a lost answer is then asked for again)."""
+    credentials = ApiCredentials()
+    kwargs["headers"] = {**kwargs.get("headers", {}), **credentials.headers(operator=operator)}
     try:
         with make_client(api) as client:
             for _ in range(attempts - 1):
                 try:
-                    return client.request(method, path, **kwargs)
+                    response = client.request(method, path, **kwargs)
+                    break
                 except httpx.TransportError:
                     continue
-            return client.request(method, path, **kwargs)
+            else:
+                response = client.request(method, path, **kwargs)
     except httpx.ConnectError:
         _fail(f"cannot reach the order API at {api}: is the order service running? (shop up)")
     except httpx.TimeoutException:
         _fail(f"the order API at {api} did not answer in time")
     except httpx.HTTPError as exc:
         _fail(f"talking to the order API at {api} failed: {exc}")
+    if response.status_code == 401:
+        variable = credentials.variable(operator=operator)
+        sent = "authorization" in response.request.headers
+        _fail(f"the order API at {api} refused the token in {variable}: set it to the "
+              "service's token" if sent else
+              f"the order API at {api} wants a token: set {variable} to the service's token")
+    return response
 
 
 def _check(response: httpx.Response) -> Any:
@@ -304,14 +320,36 @@ def status(
         _fail(f"still waiting after {wait:g}s for: {', '.join(waiting)}")
 
 
+def _pages(api: str, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to `limit` orders from `cursor` on (the newest without), a page at a time, and
+    where the next ones start when there are more."""
+    orders: list[dict[str, Any]] = []
+    while len(orders) < limit:
+        params: dict[str, Any] = {"limit": min(PAGE, limit - len(orders))}
+        if cursor is not None:
+            params["cursor"] = cursor
+        response = _request(api, "GET", "/orders", params=params)
+        orders += _check(response)
+        following = response.links.get("next", {}).get("url")
+        cursor = httpx.URL(following).params.get("cursor") if following else None
+        if cursor is None:
+            break
+    return orders, cursor
+
+
 @app.command("list")
 def list_orders(
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LISTED,
+                                       help="How many, newest first.")] = 50,
+    cursor: Annotated[str | None, typer.Option(
+        help="Go on from where an earlier list stopped (the cursor it printed).")] = None,
     api: Api = DEFAULT_API,
     as_json: AsJson = False,
 ) -> None:
     """The latest orders, newest first, with how many subscribers handled each."""
-    orders = _check(_request(api, "GET", "/orders", params={"limit": limit}))
+    orders, more = _pages(api, limit, cursor)
+    if more is not None:
+        typer.echo(f"more orders: shop order list --cursor {more}", err=True)
     if as_json:
         print_json(orders)
         return
@@ -361,11 +399,12 @@ def retire(
     as_json: AsJson = False,
 ) -> None:
     """Take a subscriber shut down for good out of the registry: orders placed from now on
-    stop expecting it. Its queue stays on the broker until you delete it."""
+    stop expecting it. Its queue stays on the broker until you delete it. An operator
+    action: sends SHOP_OPERATOR_TOKEN."""
     if not name.strip():
         _fail("the subscriber's name is empty", BAD_INPUT)
     entry = _check(_request(api, "DELETE", f"/subscribers/{quote(name, safe='')}",
-                            params={"force": "true"} if force else None))
+                            params={"force": "true"} if force else None, operator=True))
     if as_json:
         print_json(entry)
         return

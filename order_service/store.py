@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -130,6 +132,10 @@ outcomes = sa.Table(
 _FINAL_OUTCOMES = ("handled", "duplicate", "dead_lettered")
 #: Orders examined per query when looking for late ones.
 _LATE_BATCH = 500
+#: Orders whose fan-out a listing works out between two turns of the event loop: SQLite
+#: runs inline on the loop, so a page read in one go would hold everything else up for
+#: as long as the whole page takes (about 3 ms per slice of 50).
+_SLICE = 50
 #: Unsettled orders one `settle_answered` transaction looks at.
 _SETTLE_CHUNK = 1000
 
@@ -234,6 +240,35 @@ _REOPEN_SINCE = (orders.update()
                  .where(orders.c.placed_at >= sa.bindparam("b_since"),
                         orders.c.settled_at.isnot(None))
                  .values(settled_at=None))
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a page of the order list ended: its last order. Lists run newest first, by
+    placement time, ties by order id (`_LISTED`), so the next page starts just past it."""
+
+    placed_at: datetime
+    order_id: uuid.UUID
+
+    @classmethod
+    def of(cls, summary: OrderSummary) -> Position:
+        return cls(summary.placed_at, summary.order_id)
+
+
+#: The order of every list: newest first; the order id breaks ties.
+_LISTED = (orders.c.placed_at.desc(), orders.c.order_id)
+
+
+def _past(position: Position | None) -> list[sa.ColumnElement[bool]]:
+    """The orders listed after `position` (keyset paging: the placement index leads
+    straight there, however deep the page)."""
+    if position is None:
+        return []
+    placed_at, order_id = position.placed_at, str(position.order_id)
+    # The first condition alone is what the index can search on; the second trims the
+    # orders placed at that very time which the previous page already listed.
+    return [orders.c.placed_at <= placed_at,
+            sa.or_(orders.c.placed_at < placed_at, orders.c.order_id > order_id)]
 
 
 def _subscriber(row: Any) -> Subscriber:
@@ -469,18 +504,21 @@ class OrderStore:
                            for r in rows),
         )
 
-    async def list_orders(self, limit: int = 50, *, now: datetime | None = None,
+    async def list_orders(self, limit: int = 50, *, after: Position | None = None,
+                          now: datetime | None = None,
                           late_after: timedelta | None = None) -> list[OrderSummary]:
-        """The latest orders first, each with its fan-out counts and lights."""
+        """The latest orders first (those listed after `after`, when given), each with its
+        fan-out counts and lights."""
         rows = (await self.conn.execute(
-            sa.select(*_SUMMARY_COLUMNS)
-            .order_by(orders.c.placed_at.desc(), orders.c.order_id)
+            sa.select(*_SUMMARY_COLUMNS).where(*_past(after)).order_by(*_LISTED)
             .limit(limit))).all()
         return await self._summaries(rows, now=now, late_after=late_after)
 
     async def late_orders(self, now: datetime, late_after: timedelta, *,
-                          limit: int | None = None) -> list[OrderSummary]:
-        """Orders with an expected subscriber late, newest first (`limit`: at most that many).
+                          limit: int | None = None, after: Position | None = None
+                          ) -> list[OrderSummary]:
+        """Orders with an expected subscriber late, newest first (`limit`: at most that many;
+        `after`: those listed after it).
 
         The database narrows the search to orders placed before the deadline, not settled
         (see `settle_answered`), that some expected subscriber has not finally answered (no
@@ -490,8 +528,8 @@ class OrderStore:
         candidates = list((await self.conn.execute(
             sa.select(*_SUMMARY_COLUMNS)
             .where(orders.c.settled_at.is_(None), orders.c.placed_at <= now - late_after,
-                   await self._unanswered())
-            .order_by(orders.c.placed_at.desc(), orders.c.order_id))).all())
+                   *_past(after), await self._unanswered())
+            .order_by(*_LISTED))).all())
         found: list[OrderSummary] = []
         for start in range(0, len(candidates), _LATE_BATCH):
             rows = candidates[start:start + _LATE_BATCH]
@@ -556,6 +594,16 @@ class OrderStore:
 
     async def _summaries(self, rows: Sequence[Any], *, now: datetime | None,
                          late_after: timedelta | None) -> list[OrderSummary]:
+        summaries: list[OrderSummary] = []
+        for start in range(0, len(rows), _SLICE):
+            if start:
+                await asyncio.sleep(0)  # let the loop serve others between slices
+            summaries += await self._slice_summaries(rows[start:start + _SLICE], now=now,
+                                                     late_after=late_after)
+        return summaries
+
+    async def _slice_summaries(self, rows: Sequence[Any], *, now: datetime | None,
+                               late_after: timedelta | None) -> list[OrderSummary]:
         fans = await self._fan_outs({r.order_id: r.event_id for r in rows}, now=now,
                                     late_after=late_after)
         summaries = []

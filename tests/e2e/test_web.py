@@ -258,3 +258,59 @@ def test_an_older_order_service_gets_counts_and_no_system_view(page: Page) -> No
     expect(page.locator("#system-unavailable")).to_contain_text("Not available")
     expect(page.locator("#health")).to_have_text("system: not available")
     expect(page.locator("#banner")).to_be_hidden()
+
+
+def test_the_page_asks_for_the_token_once_and_keeps_it_for_the_tab(page: Page) -> None:
+    """A service with SHOP_API_TOKEN answers 401: the page shows one token form (both polls
+    wait on it), says when a token was refused, then sends the token as a bearer header on
+    every request, never in a URL; it is kept for the tab (sessionStorage), so a reload does
+    not ask again."""
+    from playwright.sync_api import expect
+
+    token = "page-token-0123456789abcdef"
+    order_id = "7c0d5a1e-0000-4000-8000-000000000003"
+    seen: list[tuple[str, str | None, int]] = []
+
+    def handle(route: Route) -> None:
+        request = route.request
+        path = request.url.split("//", 1)[1].split("/", 1)[1].split("?")[0]
+        sent = request.headers.get("authorization")
+        if path == "":
+            status, body = 200, PAGE_FILE.read_text()
+        elif sent != f"Bearer {token}":
+            status, body = 401, '{"detail": "this API needs a token"}'
+        elif path == "orders":
+            status, body = 200, json.dumps([summary(order_id, handled=3, failed=0, pending=0)])
+        else:
+            status, body = 404, '{"detail": "Not Found"}'
+        seen.append((request.url, sent, status))
+        route.fulfill(status=status, body=body, headers={"WWW-Authenticate": "Bearer"},
+                      content_type="text/html" if path == "" else "application/json")
+
+    page.route("http://shop.test/**", handle)
+    page.goto("http://shop.test/")
+    form = page.locator("#token")
+    expect(form).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#token-note")).to_have_text("")
+    page.fill("#token-input", "not-the-token-0123456789")
+    page.press("#token-input", "Enter")
+    expect(page.locator("#token-note")).to_have_text("The token was refused: check it.",
+                                                     timeout=WAIT_MS)
+    screenshot(page, "web-page-token.png")
+    page.fill("#token-input", token)
+    page.click("#token button")
+
+    row = page.locator(f'#orders tr[data-order-id="{order_id}"]')
+    expect(row).to_be_visible(timeout=WAIT_MS)
+    expect(form).to_be_hidden()
+    expect(page.locator("#banner")).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('shop-api-token')") == token
+    # Two polls refused without a token, two with the wrong one; none while the form waited.
+    assert [status for _url, _sent, status in seen].count(401) == 4
+
+    page.reload()
+    expect(row).to_be_visible(timeout=WAIT_MS)
+    expect(form).to_be_hidden()
+    assert [status for _url, _sent, status in seen].count(401) == 4
+    assert all(token not in url for url, _sent, _status in seen)
+    assert token not in page.url

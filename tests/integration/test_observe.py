@@ -82,7 +82,7 @@ async def start_order(start_service: StartService, management_url: str, **overri
 
 async def registry(order: Runtime[Any], names: set[str]) -> bool:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api_of(order)),
-                                 base_url="http://order") as client:
+                                 base_url="http://localhost") as client:
         known = {s["name"] for s in (await client.get("/subscribers")).json()}
     return names <= known
 
@@ -100,7 +100,7 @@ async def client_factory() -> AsyncIterator[Any]:
 
     def make(order: Runtime[Any]) -> httpx.AsyncClient:
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api_of(order)),
-                                   base_url="http://order")
+                                   base_url="http://localhost")
         clients.append(client)
         return client
 

@@ -14,16 +14,25 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.db import create_tables, make_engine
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
 from common.settings import ServiceSettings
-from order_service.api import OrderRuntime, Work, create_app, settle_forever
+from order_service.api import (
+    PAGE_MAX,
+    OrderRuntime,
+    Work,
+    create_app,
+    decode_cursor,
+    encode_cursor,
+    settle_forever,
+)
 from order_service.domain import NewOrder, place_order
 from order_service.handlers import AUDIT_HANDLERS
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, metadata, orders
+from order_service.store import OrderStore, Position, metadata, orders
 from tests.factories import make_address, make_line
 from tests.integration.support import wait_for
 
@@ -57,9 +66,19 @@ class FakeRuntime:
         return True
 
 
+API_TOKEN = "api-token-0123456789abcdef"
+OPERATOR_TOKEN = "operator-token-0123456789abcdef"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> OrderSettings:
-    return OrderSettings(max_body_bytes=MAX_BODY, data_dir=tmp_path)
+    # Tokens given as None, so a developer's own SHOP_*_TOKEN does not change the tests.
+    return OrderSettings(max_body_bytes=MAX_BODY, data_dir=tmp_path, api_token=None,
+                         operator_token=None)
 
 
 @pytest.fixture
@@ -70,12 +89,20 @@ async def runtime(db_url: str, settings: OrderSettings) -> AsyncIterator[FakeRun
     await engine.dispose()
 
 
+@contextlib.asynccontextmanager
+async def api(runtime: FakeRuntime | None, settings: OrderSettings,
+              headers: dict[str, str] | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the API over `runtime`, addressing it as localhost."""
+    app = create_app(runtime, settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://localhost", headers=headers) as client:
+        yield client
+
+
 @pytest.fixture
 async def client(runtime: FakeRuntime, settings: OrderSettings
                  ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(runtime, settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
+    async with api(runtime, settings) as client:
         yield client
 
 
@@ -149,11 +176,21 @@ async def test_status_of_a_placed_order(client: httpx.AsyncClient, runtime: Fake
     assert [s["name"] for s in registry] == ["inventory", "seller"]
 
 
+@pytest.fixture
+async def operator(runtime: FakeRuntime, settings: OrderSettings
+                   ) -> AsyncIterator[httpx.AsyncClient]:
+    """A client sending the operator token to a service that has one."""
+    with_operator = settings.model_copy(update={"operator_token": SecretStr(OPERATOR_TOKEN)})
+    async with api(runtime, with_operator, bearer(OPERATOR_TOKEN)) as client:
+        yield client
+
+
 async def test_a_retired_subscriber_is_no_longer_expected_by_new_orders(
-        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+        operator: httpx.AsyncClient, runtime: FakeRuntime) -> None:
     """DELETE /subscribers/{name}: refused (409) while it still announces itself unless
     forced, 404 when unknown; orders placed afterwards do not expect it, earlier ones still
     do."""
+    client = operator
     long_ago = datetime.now(UTC) - timedelta(hours=1)
     await audit(runtime, SubscriberAnnounced(subscriber="inventory", instance="h:1",
                                              consumes={"OrderPlaced": "inventory.order.placed"}))
@@ -351,12 +388,120 @@ async def test_an_order_id_that_is_not_a_uuid_is_422(client: httpx.AsyncClient) 
     assert (await client.get("/orders/not-a-uuid")).status_code == 422
 
 
-async def test_list_limit_is_checked(client: httpx.AsyncClient) -> None:
-    """limit must be between 1 and 1000, and limits the list."""
-    for _ in range(3):
-        await client.post("/orders", json=order_body())
-    assert len((await client.get("/orders", params={"limit": 2})).json()) == 2
-    assert (await client.get("/orders", params={"limit": 0})).status_code == 422
+async def store_orders(runtime: FakeRuntime, times: Sequence[datetime]) -> list[OrderPlaced]:
+    """Orders placed at these times, stored as the API stores them."""
+    placed = [place_order(NewOrder(customer_id="cust-1", lines=[make_line("SKU-1")],
+                                   shipping_address=make_address()), now=at) for at in times]
+    async with runtime.engine.begin() as conn:
+        for order in placed:
+            await OrderStore(conn).add_order(order)
+    return placed
+
+
+async def walk(client: httpx.AsyncClient, params: dict[str, Any]
+               ) -> tuple[list[list[str]], list[str]]:
+    """Every page of GET /orders, following the Link headers: the order ids page by page,
+    and the links followed."""
+    pages: list[list[str]] = []
+    links: list[str] = []
+    response = await client.get("/orders", params=params)
+    while True:
+        assert response.status_code == 200, response.text
+        pages.append([o["order_id"] for o in response.json()])
+        assert len(pages) <= 10, f"the pages do not end: {pages}"
+        following = response.links.get("next")
+        if following is None:
+            return pages, links
+        links.append(following["url"])
+        response = await client.get(response.url.join(following["url"]))
+
+
+async def test_the_list_pages_through_every_order_once_with_the_link_header(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """limit=2 over five orders, three placed at the same instant: three pages, linked by
+    `Link: <...cursor...>; rel="next"` (none on the last), together the one list in its
+    order, each order once."""
+    now = datetime.now(UTC)
+    same = now - timedelta(minutes=1)
+    await store_orders(runtime, [now - timedelta(minutes=2), same, same, same, now])
+    whole = [o["order_id"] for o in (await client.get("/orders")).json()]
+    assert len(whole) == 5
+
+    pages, links = await walk(client, {"limit": 2})
+
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert [order_id for page in pages for order_id in page] == whole
+    assert all(link.startswith("/orders?limit=2&cursor=") for link in links)
+
+
+async def test_the_late_list_pages_too(client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """late=true, limit=1 over two late orders: two pages, the link keeps late=true."""
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    await audit(runtime, SubscriberAnnounced(subscriber="inventory", instance="h:1",
+                                             consumes={"OrderPlaced": "inventory.order.placed"},
+                                             occurred_at=long_ago - timedelta(minutes=1)))
+    silent = await store_orders(runtime, [long_ago, long_ago + timedelta(seconds=1)])
+    await store_orders(runtime, [datetime.now(UTC)])  # not late yet
+
+    pages, links = await walk(client, {"limit": 1, "late": "true"})
+
+    assert pages == [[str(silent[1].order_id)], [str(silent[0].order_id)]]
+    assert "late=true" in links[0]
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"limit": 0}, "limit"), ({"limit": PAGE_MAX + 1}, "limit"),
+    ({"cursor": "not-a-cursor"}, "cursor"), ({"cursor": "x" * 65}, "cursor")])
+async def test_page_size_and_cursor_are_checked(client: httpx.AsyncClient,
+                                                params: dict[str, Any], field: str) -> None:
+    """A page of 1 to PAGE_MAX orders; a cursor must be one the API gave out: 422 naming
+    the parameter otherwise."""
+    response = await client.get("/orders", params=params)
+    assert response.status_code == 422, response.text
+    assert [e["loc"] for e in response.json()["detail"]] == [["query", field]]
+
+
+async def test_a_cursor_is_opaque_but_stands_for_the_last_order_of_its_page() -> None:
+    """encode/decode round-trip the page's last order (time to the microsecond, and id)."""
+    position = Position(datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), uuid.uuid4())
+    cursor = encode_cursor(position)
+    assert cursor.isascii()
+    assert "=" not in cursor
+    assert len(cursor) == 32
+    assert decode_cursor(cursor) == position
+
+
+async def test_a_page_lets_the_event_loop_serve_others_while_it_is_read(tmp_path: Path,
+                                                                        settings: OrderSettings
+                                                                        ) -> None:
+    """SQLite runs inline on the loop: reading a full page of orders gives the loop back
+    between slices, so other requests (a health probe) are served meanwhile."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'inline.db'}")
+    try:
+        await create_tables(engine, metadata)
+        runtime = FakeRuntime(engine, settings)
+        await store_orders(runtime, [datetime.now(UTC)] * PAGE_MAX)
+        turns = 0
+
+        async def other() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        async with engine.connect() as conn:
+            store = OrderStore(conn)
+            await store.list_orders(1)  # the connection is open and warm: no thread hop
+            ticking = asyncio.create_task(other())
+            await asyncio.sleep(0)
+            before = turns
+            listed = await store.list_orders(PAGE_MAX)
+            during = turns - before
+            ticking.cancel()
+        assert len(listed) == PAGE_MAX
+        assert during >= PAGE_MAX // 50 - 1
+    finally:
+        await engine.dispose()
 
 
 async def test_health_is_ok_when_broker_and_database_answer(client: httpx.AsyncClient) -> None:
@@ -380,7 +525,7 @@ async def test_without_a_runtime_only_the_docs_answer(settings: OrderSettings) -
     """create_app(None): OpenAPI docs work, everything else is 503."""
     app = create_app(None, settings)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
+                                 base_url="http://localhost") as client:
         assert (await client.get("/docs")).status_code == 200
         spec = (await client.get("/openapi.json")).json()
         assert {"/orders", "/orders/{order_id}", "/healthz", "/subscribers"} <= set(spec["paths"])
@@ -439,3 +584,153 @@ async def test_a_malformed_idempotency_key_is_refused(client: httpx.AsyncClient,
     assert response.status_code == 422, response.text
     assert "Idempotency-Key" in response.text
     assert runtime.published == []
+
+
+# --- who may use the API: tokens and the Host header --------------------------------------
+
+def guarded(settings: OrderSettings, *, api_token: str | None = API_TOKEN,
+            operator_token: str | None = OPERATOR_TOKEN) -> OrderSettings:
+    return settings.model_copy(update={
+        "api_token": SecretStr(api_token) if api_token else None,
+        "operator_token": SecretStr(operator_token) if operator_token else None})
+
+
+#: Every route but the open ones: (method, path, body).
+GUARDED = [("POST", "/orders"), ("GET", "/orders"), ("GET", f"/orders/{uuid.uuid4()}"),
+           ("GET", f"/orders/{uuid.uuid4()}/trace"), ("GET", "/subscribers"), ("GET", "/system"),
+           ("DELETE", "/subscribers/old")]
+OPEN = ["/healthz", "/", "/docs", "/redoc", "/openapi.json"]
+
+
+async def test_with_an_api_token_every_route_but_the_open_ones_needs_it(
+        runtime: FakeRuntime, settings: OrderSettings) -> None:
+    """SHOP_API_TOKEN set: 401 with `WWW-Authenticate: Bearer` without it or with another
+    token, on every route of the API; the health probe, the page and the docs stay open."""
+    async with api(runtime, guarded(settings)) as client:
+        for method, path in GUARDED:
+            missing = await client.request(method, path, json=order_body())
+            wrong = await client.request(method, path, json=order_body(),
+                                         headers=bearer("not-the-token-0123456789"))
+            assert (missing.status_code, wrong.status_code) == (401, 401), (method, path)
+            assert missing.headers["www-authenticate"].startswith("Bearer")
+            assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+            assert "SHOP_API_TOKEN" in missing.json()["detail"]
+        for path in OPEN:
+            assert (await client.get(path)).status_code == 200, path
+        assert runtime.published == []
+
+
+async def test_the_api_token_and_the_operator_token_both_let_a_client_in(
+        runtime: FakeRuntime, settings: OrderSettings) -> None:
+    """Either token places an order and reads the list."""
+    for token in (API_TOKEN, OPERATOR_TOKEN):
+        async with api(runtime, guarded(settings), bearer(token)) as client:
+            assert (await client.post("/orders", json=order_body())).status_code == 202
+            assert (await client.get("/orders")).status_code == 200
+    assert len(runtime.published) == 2
+
+
+async def test_without_tokens_the_api_is_open_but_operator_actions_are_off(
+        client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """No token configured (loopback only): orders are placed and read without one; retiring
+    a subscriber answers 403 saying how to turn operator actions on, and retires nothing."""
+    await audit(runtime, SubscriberAnnounced(subscriber="old", instance="h:1",
+                                             consumes={"OrderPlaced": "old.order.placed"}))
+    assert (await client.post("/orders", json=order_body())).status_code == 202
+    assert (await client.get("/orders")).status_code == 200
+    refused = await client.delete("/subscribers/old", params={"force": "true"})
+    assert refused.status_code == 403, refused.text
+    assert "SHOP_OPERATOR_TOKEN" in refused.json()["detail"]
+    assert [s["name"] for s in (await client.get("/subscribers")).json()] == ["old"]
+
+
+@pytest.mark.parametrize("api_token", [API_TOKEN, None])
+async def test_an_operator_action_needs_the_operator_token(
+        runtime: FakeRuntime, settings: OrderSettings, api_token: str | None) -> None:
+    """With or without an API token: no token or another one is 401; the API token is 403
+    (not enough); the operator token gets through (404 here: nobody to retire)."""
+    async with api(runtime, guarded(settings, api_token=api_token)) as client:
+        tries = {"none": {}, "wrong": bearer("not-the-token-0123456789"),
+                 "api": bearer(API_TOKEN), "operator": bearer(OPERATOR_TOKEN)}
+        answers = {name: (await client.delete("/subscribers/old", headers=headers))
+                   for name, headers in tries.items()}
+    expected_api = 403 if api_token else 401  # without an API token configured it is unknown
+    assert {n: r.status_code for n, r in answers.items()} == {
+        "none": 401, "wrong": 401, "api": expected_api, "operator": 404}
+    assert answers["none"].headers["www-authenticate"].startswith("Bearer")
+    assert "SHOP_OPERATOR_TOKEN" in answers["api"].json()["detail"]
+
+
+async def test_the_openapi_document_declares_the_bearer_schemes(
+        runtime: FakeRuntime, settings: OrderSettings) -> None:
+    """With an API token: every guarded operation names it (or the operator's) and its 401;
+    the operator action names only the operator's; the health probe none. Without: only the
+    operator action has a scheme."""
+    async with api(runtime, guarded(settings)) as client:
+        spec = (await client.get("/openapi.json")).json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["ApiToken"] == {"type": "http", "scheme": "bearer", "description": ANY_TEXT}
+    assert schemes["OperatorToken"]["scheme"] == "bearer"
+    paths = spec["paths"]
+    for path, method in [("/orders", "post"), ("/orders", "get"), ("/orders/{order_id}", "get"),
+                         ("/subscribers", "get"), ("/system", "get")]:
+        assert paths[path][method]["security"] == [{"ApiToken": []}, {"OperatorToken": []}]
+        assert "401" in paths[path][method]["responses"]
+    assert paths["/subscribers/{name}"]["delete"]["security"] == [{"OperatorToken": []}]
+    assert "security" not in paths["/healthz"]["get"]
+
+    async with api(runtime, settings) as client:
+        spec = (await client.get("/openapi.json")).json()
+    assert set(spec["components"]["securitySchemes"]) == {"OperatorToken"}
+    secured = {(p, m) for p, ops in spec["paths"].items() for m, op in ops.items()
+               if "security" in op}
+    assert secured == {("/subscribers/{name}", "delete")}
+
+
+class _AnyText:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_TEXT: Any = _AnyText()
+
+
+@pytest.mark.parametrize(("allowed", "host", "served"), [
+    (None, "localhost:8000", True),
+    (None, "127.0.0.1:8000", True),
+    (None, "[::1]:8000", True),
+    (None, "[::1]", True),
+    (None, "LOCALHOST", True),
+    (None, "attacker.example", False),
+    (None, "attacker.example:8000", False),
+    (None, "localhost.attacker.example", False),
+    (None, "[::1]x", False),
+    (None, "::1", False),
+    (None, "", False),
+    ("shop.example,[2001:db8::1]", "shop.example:443", True),
+    ("shop.example,[2001:db8::1]", "[2001:db8::1]:8000", True),
+    ("shop.example,[2001:db8::1]", "localhost:8000", False),
+    ("*", "attacker.example", True),
+])
+async def test_a_request_for_another_host_is_refused(
+        runtime: FakeRuntime, settings: OrderSettings, allowed: str | None, host: str,
+        served: bool) -> None:
+    """Only the Host names of ORDER_ALLOWED_HOSTS are served (default the loopback names,
+    IPv6 literals in brackets, any port); another gets 400 saying what to set, so a page
+    whose name was rebound to this machine reads nothing. `*` serves any."""
+    if allowed is not None:
+        hosts = OrderSettings.model_validate({"allowed_hosts": allowed}).allowed_hosts
+        settings = settings.model_copy(update={"allowed_hosts": hosts})
+    async with api(runtime, settings) as client:
+        response = await client.get("/orders", headers={"Host": host})
+    if served:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 400, response.text
+        assert "ORDER_ALLOWED_HOSTS" in response.json()["detail"]
+
+
+async def test_the_health_probe_answers_whatever_the_host(client: httpx.AsyncClient) -> None:
+    """A load balancer probing by address still gets /healthz; the rest of the API not."""
+    assert (await client.get("/healthz", headers={"Host": "10.0.0.7:8000"})).status_code == 200
+    assert (await client.get("/", headers={"Host": "10.0.0.7:8000"})).status_code == 400

@@ -46,7 +46,7 @@ async def client(runtime: FakeRuntime, settings: OrderSettings
                  ) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(runtime, settings)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
+                                 base_url="http://localhost") as client:
         yield client
 
 

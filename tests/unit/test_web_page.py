@@ -23,7 +23,7 @@ async def test_the_page_is_served_at_the_root_without_a_running_service(tmp_path
     and stays out of the OpenAPI spec."""
     app = create_app(None, OrderSettings(data_dir=tmp_path))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
+                                 base_url="http://localhost") as client:
         response = await client.get("/")
         spec = (await client.get("/openapi.json")).json()
     assert response.status_code == 200
