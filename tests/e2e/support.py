@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -90,6 +91,9 @@ def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2
         "SHOP_API_URL": f"http://127.0.0.1:{port}",
         "LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
+        # Operator actions (retiring a subscriber) are off without it; the `shop` commands
+        # run with the same environment, so they send it.
+        "SHOP_OPERATOR_TOKEN": secrets.token_urlsafe(24),
         # Free ports for /metrics too, so a system already running here does not clash.
         **{f"{service.upper()}_METRICS_PORT": str(free_port()) for service in SERVICES},
     }
