@@ -84,7 +84,8 @@ def system_names(prefix: str, subscribers: Iterable[str] = SUBSCRIBERS
     main.append(topology.audit_queue)
     queues = [q for name in main for q in topology.service_queues(name)]
     exchanges = [topology.exchange(cls) for cls in (OrderPlaced, *ORDER_CONSUMES)]
-    exchanges += [topology.exchange(SubscriberAnnounced), topology.dead_letter_exchange]
+    exchanges += [topology.exchange(SubscriberAnnounced)]
+    exchanges += [topology.dead_letter_exchange(name) for name in main]
     return queues, exchanges
 
 

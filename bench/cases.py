@@ -313,7 +313,8 @@ async def consume(ctx: Context, kind: str) -> Figures:
             ctx, topology, [*topology.service_queues(queue),
                             *topology.service_queues(topology.audit_queue)],
             [topology.exchange(OrderPlaced), topology.audit_exchange,
-             topology.dead_letter_exchange])
+             topology.dead_letter_exchange(queue),
+             topology.dead_letter_exchange(topology.audit_queue)])
 
 
 # --- 4. the whole system ------------------------------------------------------------------

@@ -15,7 +15,9 @@ from typing import Any, NamedTuple
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
+    AbstractMessage,
     AbstractRobustConnection,
     HeadersType,
 )
@@ -117,6 +119,32 @@ def _log_outages(connection: AbstractRobustConnection, where: str) -> None:
     connection.reconnect_callbacks.add(restored)
 
 
+def login_of(connection: AbstractConnection) -> str:
+    """The broker user a connection logged in as (the AMQP client's default is guest)."""
+    url = getattr(connection, "url", None)
+    return (URL(url).user if url is not None else None) or "guest"
+
+
+#: Where a copy the kit sends through a queue's dead-letter exchange keeps the broker user
+#: that published the original: the copy itself is published by the queue's own service.
+ORIGINAL_USER = "x-original-user-id"
+
+
+def sender_of(message: AbstractMessage, own_user: str) -> str | None:
+    """The broker user that published the event in `message`, as the broker validated it.
+
+    A copy we made ourselves (a retry coming back, a replay of our dead letter) names its
+    original sender in `ORIGINAL_USER`; only our own user can publish into our queues'
+    dead-letter exchanges (`common.access`), so only then is that header believed.
+    """
+    if message.user_id == own_user:
+        original = (message.headers or {}).get(ORIGINAL_USER)
+        if isinstance(original, bytes):
+            original = original.decode(errors="replace")
+        return original if isinstance(original, str) else own_user
+    return message.user_id
+
+
 def instance_name(service: str) -> str:
     """Who this running service is: host and pid, plus a token that keeps two runners in
     one process (tests) apart."""
@@ -149,8 +177,13 @@ class Envelope(NamedTuple):
 
 
 def message_for(event: Event | Envelope, body: bytes | None = None,
-                headers: Mapping[str, Any] | None = None) -> aio_pika.Message:
-    """The AMQP message for an event: the envelope repeated in the properties."""
+                headers: Mapping[str, Any] | None = None, user_id: str | None = None
+                ) -> aio_pika.Message:
+    """The AMQP message for an event: the envelope repeated in the properties.
+
+    `user_id` is the publishing connection's user: the broker refuses a message that claims
+    another, so a consumer knows who really sent it (`common.access`).
+    """
     if body is None:
         if not isinstance(event, Event):
             raise ValueError("an envelope needs its body")
@@ -165,6 +198,7 @@ def message_for(event: Event | Envelope, body: bytes | None = None,
         correlation_id=envelope.correlation_id,
         timestamp=envelope.occurred_at,
         app_id=envelope.producer,
+        user_id=user_id,
         headers=dict(headers or {"schema_version": envelope.schema_version}),
     )
 
@@ -177,6 +211,8 @@ class Publisher:
         self._connection = connection
         self._topology = topology
         self._service = service
+        #: The broker user this publisher's messages name (`message_for`).
+        self.user_id = login_of(connection)
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._lock = asyncio.Lock()
@@ -201,15 +237,17 @@ class Publisher:
             return self._exchanges[name]
 
     async def publish(self, event: Event, *, body: bytes | None = None,
-                      trace_parent: Mapping[str, Any] | None = None) -> None:
+                      trace_parent: Mapping[str, Any] | None = None,
+                      user_id: str | None = None) -> None:
         """Publish and wait for the broker's confirm.
 
         `trace_parent` is the trace context stored with the event when it was committed, so
         the publish span (and every consumer after it) joins the trace that produced it.
+        `user_id`: as `publish_raw`'s.
         """
         await self._publish(type(event), Envelope.of(event),
                             body if body is not None else event.model_dump_json().encode(),
-                            trace_parent)
+                            trace_parent, user_id)
 
     async def publish_stored(self, body: str, trace_parent: Mapping[str, Any] | None = None
                              ) -> None:
@@ -219,7 +257,8 @@ class Publisher:
                             trace_parent)
 
     async def _publish(self, cls: type[Event], envelope: Envelope, body: bytes,
-                       trace_parent: Mapping[str, Any] | None) -> None:
+                       trace_parent: Mapping[str, Any] | None, user_id: str | None = None
+                       ) -> None:
         exchange = await self.exchange(self._topology.exchange(cls))
         with publish_span(exchange.name, envelope.event_id, envelope.event_type,
                           self._service, trace_parent) as trace_headers:
@@ -227,7 +266,8 @@ class Publisher:
                                        **trace_headers}
             started = time.perf_counter()
             try:
-                await self.publish_message(exchange, message_for(envelope, body, headers))
+                await self.publish_message(exchange, message_for(envelope, body, headers,
+                                                                 user_id or self.user_id))
             except Exception:
                 PUBLISH_FAILURES.labels(self._service, envelope.event_type).inc()
                 raise
@@ -246,9 +286,11 @@ class Publisher:
 
     async def publish_raw(self, exchange_name: str, routing_key: str, body: bytes,
                           headers: HeadersType, template: aio_pika.abc.AbstractMessage | None,
-                          kind: aio_pika.ExchangeType = aio_pika.ExchangeType.DIRECT) -> None:
+                          kind: aio_pika.ExchangeType = aio_pika.ExchangeType.DIRECT,
+                          user_id: str | None = None) -> None:
         """Publish bytes as they are (a dead letter keeps its body), with the original's
-        properties where there is one."""
+        properties where there is one, as this publisher's user unless `user_id` names
+        another (which only a broker user tagged `impersonator` may do)."""
         exchange = await self.exchange(exchange_name, kind)
         message = aio_pika.Message(
             body=body,
@@ -260,6 +302,7 @@ class Publisher:
             correlation_id=template.correlation_id if template else None,
             timestamp=template.timestamp if template else None,
             app_id=template.app_id if template else None,
+            user_id=user_id or self.user_id,
         )
         await self.publish_message(exchange, message, routing_key)
 

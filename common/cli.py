@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.text import Text
 
 from common.broker import connect, safe_url
+from common.broker_cli import app as broker_app
 from common.cli_support import plain_console
 from common.dlq_cli import app as dlq_app
 from common.doctor import doctor
@@ -37,6 +38,7 @@ app.add_typer(inventory_app, name="inventory", help="Stock levels (the inventory
 app.add_typer(logistics_app, name="logistics", help="Shipments (the logistics service).")
 app.add_typer(seller_app, name="seller", help="Sellers' inboxes (the seller service).")
 app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge.")
+app.add_typer(broker_app, name="broker", help="Broker users: one per service, least privilege.")
 app.command()(queues)
 app.command()(doctor)
 

@@ -32,10 +32,11 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelNotFoundEntity
 from yarl import URL
 
-from common.broker import Publisher, connect
+from common.broker import Publisher, connect, sender_of
 from common.events import DeliveryReceipt
 from common.observe import (
     BUILTIN_SERVICES,
+    ManagementApi,
     builtin_queues,
     dead_letter_queue,
     management_queue_names,
@@ -229,9 +230,13 @@ def replay_headers(headers: HeadersType | None, now: datetime | None = None) -> 
     return new
 
 
-def replay_receipt(letter: DeadLetter, service: str, now: datetime | None = None
-                   ) -> DeliveryReceipt:
-    """The trace a replay leaves in the receipts: outcome "replayed"."""
+def replay_receipt(letter: DeadLetter, service: str, now: datetime | None = None, *,
+                   on_behalf: bool = False) -> DeliveryReceipt:
+    """The trace a replay leaves in the receipts: outcome "replayed".
+
+    `on_behalf`: sent as the service's own broker user (impersonated), so it names the
+    service as its producer, as the broker will.
+    """
     return DeliveryReceipt(
         subscriber=service,
         queue=letter.original_queue,
@@ -242,7 +247,7 @@ def replay_receipt(letter: DeadLetter, service: str, now: datetime | None = None
         duration_ms=0,
         correlation_id=letter.correlation_id,
         causation_id=_uuid(letter.message_id),
-        producer=PRODUCER,
+        producer=service if on_behalf else PRODUCER,
     )
 
 
@@ -417,6 +422,10 @@ async def replay(settings: ServiceSettings, service: str, *,
     report = ReplayReport()
     seen: set[str] = set()
     topology = Topology(settings.name_prefix)
+    # Where each service has a broker user of its own, a replay is sent as the dead letter's
+    # producer sent it, and its receipt as the service: consumers believe the broker's
+    # user_id, not the body. Only a user tagged impersonator may (`shop broker setup`).
+    owner = f"{settings.name_prefix}{service}" if await _impersonator(settings) else None
     async with _broker(settings) as connection:
         publisher = Publisher(connection, topology)
         try:
@@ -430,25 +439,43 @@ async def replay(settings: ServiceSettings, service: str, *,
                             continue  # left unacked: back in its place when the channel closes
                         seen.add(message.message_id or "")
                         await _replay_one(publisher, service, describe(name, message), message,
-                                          report)
+                                          report, owner)
         finally:
             await publisher.close()
     report.not_found.extend(sorted((wanted or set()) - seen))
     return report
 
 
+async def _impersonator(settings: ServiceSettings) -> bool:
+    """Whether our broker user may publish as another (the `impersonator` tag)."""
+    api = ManagementApi.of(settings)
+    try:
+        async with api.client() as client:
+            response = await client.get(api.path("whoami"))
+            response.raise_for_status()
+            tags = response.json().get("tags") or []
+    except (httpx.HTTPError, ValueError):
+        return False
+    if isinstance(tags, str):  # 3.x may answer a comma-separated string
+        tags = tags.split(",")
+    return "impersonator" in tags
+
+
 async def _replay_one(publisher: Publisher, service: str, letter: DeadLetter,
-                      message: AbstractIncomingMessage, report: ReplayReport) -> None:
+                      message: AbstractIncomingMessage, report: ReplayReport,
+                      owner: str | None) -> None:
+    sender = sender_of(message, owner) if owner is not None else None
     try:
         await publisher.publish_raw("", letter.original_queue, message.body,
-                                    replay_headers(message.headers), message)
+                                    replay_headers(message.headers), message, user_id=sender)
     except Exception as exc:  # not confirmed or unroutable: the dead letter stays put
         report.failed.append((letter, f"{type(exc).__name__}: {exc}"))
         return
     await message.ack()
     report.replayed.append(letter)
     try:
-        await publisher.publish(replay_receipt(letter, service))
+        await publisher.publish(replay_receipt(letter, service, on_behalf=owner is not None),
+                                user_id=owner)
     except Exception as exc:  # the replay itself is done; say the trace is missing
         report.receipt_errors.append(
             f"{letter.message_id}: the replayed receipt was not published "

@@ -341,6 +341,10 @@ def receipts_of(event: Event) -> tuple[DeliveryReceipt, ...]:
     return ()
 
 
+#: The events the kit itself sends, on every service's behalf, to the audit exchange.
+KIT_EVENTS: frozenset[type[Event]] = frozenset(
+    {SubscriberAnnounced, DeliveryReceipt, DeliveryReceipts})
+
 #: Every event type, by name: the catalog and the decoder's lookup table.
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["event_type"].default: cls

@@ -28,10 +28,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.allocator import return_freed_memory, trim_forever
-from common.broker import Publisher, connect, instance_name
+from common.broker import ORIGINAL_USER, Publisher, connect, instance_name, sender_of
 from common.commit import GroupCommit
 from common.db import create_tables, is_sqlite, make_engine
-from common.events import DeliveryReceipt, DeliveryReceipts, Event, SubscriberAnnounced
+from common.events import (
+    KIT_EVENTS,
+    DeliveryReceipt,
+    DeliveryReceipts,
+    Event,
+    SubscriberAnnounced,
+    receipts_of,
+)
 from common.logging import delivery_context, get_logger
 from common.outbox import (
     KIT_LATER_INDEXES,
@@ -42,7 +49,7 @@ from common.outbox import (
     kit_metadata,
     utcnow,
 )
-from common.service import Handler, ServiceSpec, StoreT
+from common.service import Handler, RejectedError, ServiceSpec, StoreT
 from common.settings import ServiceSettings
 from common.telemetry import (
     DELIVERIES,
@@ -61,8 +68,11 @@ log = get_logger(__name__)
 Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]
 
 
-class PoisonMessageError(Exception):
+class PoisonMessageError(RejectedError):
     """A delivery no retry can fix: too large, not JSON, not the event's schema, unknown type."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("poison", detail)
 
 
 class MessageTooLargeError(PoisonMessageError):
@@ -146,6 +156,7 @@ class Runtime(Generic[StoreT]):
         self.publisher: Publisher | None = None
         self.relay: Relay | None = None
         self.instance = instance_name(spec.name)
+        self._produces = frozenset({*spec.produces, *KIT_EVENTS})
         # SQLite has one writer at a time: serialise our own writers instead of letting them
         # fail with "database is locked"; PostgreSQL needs no such lock.
         self.write_lock = asyncio.Lock() if is_sqlite(engine) else _NullLock()
@@ -173,6 +184,11 @@ class Runtime(Generic[StoreT]):
         return events
 
     def _stamp(self, event: Event) -> Event:
+        if type(event) not in self._produces:
+            # Here, not at the broker: a user of its own would be refused the publish, and
+            # the event would wait in the outbox forever.
+            raise TypeError(f"{self.spec.name} produced {event.event_type}, which its "
+                            f"ServiceSpec does not list in `produces`")
         if event.producer:
             return event
         return event.model_copy(update={"producer": self.spec.name})
@@ -206,6 +222,11 @@ class ServiceRunner(Generic[StoreT]):
     def __init__(self, spec: ServiceSpec[StoreT], settings: ServiceSettings, *,
                  broker_wait: float | None = None, shutdown_timeout: float | None = None
                  ) -> None:
+        if settings.authenticated and settings.service_name != spec.name:
+            # Its broker user is named after the settings, its grant after the spec.
+            raise ValueError(f"service {spec.name!r} runs with the settings of "
+                             f"{settings.service_name!r}: give it a settings class whose "
+                             f"service_name is {spec.name!r}")
         self.spec = spec
         self.settings = settings
         self.topology = Topology(settings.name_prefix, delivery_limit=settings.delivery_limit,
@@ -276,11 +297,14 @@ class ServiceRunner(Generic[StoreT]):
         return self.runtime.connection
 
     async def _declare_audit(self) -> None:
-        """Every service declares the audit exchange and the tracker's queue, so receipts
-        and announcements are kept even before the tracker first runs."""
+        """The audit exchange, and the tracker's queue so that receipts and announcements
+        are kept even before the tracker first runs. A service with a broker user of its
+        own may not declare another's queue: `shop broker setup` declares it then."""
         channel = await self._connection().channel()
         exchange = await self.topology.declare_event_exchange(channel, SubscriberAnnounced)
-        await self.topology.declare_subscriber_queue(channel, self.topology.audit_queue, exchange)
+        if not self.settings.authenticated:
+            await self.topology.declare_subscriber_queue(channel, self.topology.audit_queue,
+                                                         exchange)
         await channel.close()
 
     async def _consume(self, sub: Subscription[StoreT]) -> None:
@@ -420,7 +444,7 @@ class ServiceRunner(Generic[StoreT]):
         for message in messages:
             try:
                 event, handler = self._decode(sub, message)
-            except PoisonMessageError as exc:
+            except RejectedError as exc:
                 await self._deliver_alone(sub, message, poison=exc)
                 continue
             decoded.append((message, event, handler))
@@ -451,8 +475,37 @@ class ServiceRunner(Generic[StoreT]):
 
     def _decode(self, sub: Subscription[StoreT], message: AbstractIncomingMessage
                 ) -> tuple[Event, Handler[StoreT]]:
-        """The event in a delivery and its handler, with this service's limits."""
-        return decode(message, sub.handlers, max_bytes=self.settings.max_message_bytes)
+        """The event in a delivery and its handler, with this service's limits; where every
+        service has a broker user of its own, with the producer the broker vouches for."""
+        event, handler = decode(message, sub.handlers, max_bytes=self.settings.max_message_bytes)
+        if self.settings.authenticated:
+            event = self._authenticate(event, message)
+        return event, handler
+
+    def _authenticate(self, event: Event, message: AbstractIncomingMessage) -> Event:
+        """`event` with the producer the broker validated (`common.access`), or RejectedError.
+
+        The body's `producer` is a claim the sender fills in; the message's `user_id` is
+        checked by the broker against the connection that published it. A receipt or an
+        announcement must also be about its own producer: every service may write to the
+        audit exchange, so that is where one would speak for another.
+        """
+        sender = sender_of(message, self.settings.broker_user)
+        prefix = self.settings.name_prefix
+        producer = sender[len(prefix):] if sender and sender.startswith(prefix) else None
+        if not producer or (event.producer and event.producer != producer):
+            raise RejectedError("forged_producer",
+                           f"{event.event_type} says it comes from {event.producer!r}, but the "
+                           f"broker says it was published by user {sender!r}")
+        claims = {r.subscriber for r in receipts_of(event)}
+        if isinstance(event, DeliveryReceipts | SubscriberAnnounced):
+            claims.add(event.subscriber)
+        if claims - {producer}:
+            raise RejectedError("forged_producer",
+                           f"{event.event_type} from {producer!r} speaks for "
+                           f"{', '.join(sorted(claims - {producer}))}")
+        return event if event.producer == producer else event.model_copy(
+            update={"producer": producer})
 
     async def _handle_batch(self, sub: Subscription[StoreT],
                             decoded: Sequence[tuple[AbstractIncomingMessage, Event,
@@ -507,7 +560,7 @@ class ServiceRunner(Generic[StoreT]):
         return outcomes
 
     async def _deliver_alone(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
-                             poison: PoisonMessageError | None = None) -> None:
+                             poison: RejectedError | None = None) -> None:
         """Handle one delivery on its own; never raises.
 
         Should settling it fail all the same (a bug of ours, a channel gone), only this
@@ -523,7 +576,7 @@ class ServiceRunner(Generic[StoreT]):
                 await message.nack(requeue=True)
 
     async def _deliver(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
-                       poison: PoisonMessageError | None = None) -> None:
+                       poison: RejectedError | None = None) -> None:
         with process_span(sub.queue, message.message_id, message.type, self.spec.name,
                           message.headers):
             outcome = await self._deliver_traced(sub, message, poison)
@@ -531,7 +584,7 @@ class ServiceRunner(Generic[StoreT]):
         DELIVERIES.labels(self.spec.name, sub.queue, event_type, outcome).inc()
 
     async def _deliver_traced(self, sub: Subscription[StoreT], message: AbstractIncomingMessage,
-                              poison: PoisonMessageError | None) -> str:
+                              poison: RejectedError | None) -> str:
         """Handle one delivery (`poison`: why it was found unreadable already); returns its
         outcome for the metrics."""
         started = time.perf_counter()
@@ -539,19 +592,25 @@ class ServiceRunner(Generic[StoreT]):
         if poison is None:
             try:
                 event, handler = self._decode(sub, message)
-            except PoisonMessageError as exc:
+            except RejectedError as exc:
                 poison = exc
         if poison is not None:
             with delivery_context(
                     event_id=message.message_id, event_type=message.type,
                     correlation_id=message.correlation_id, order_id=message.correlation_id):
-                return await self._fail(sub, message, reason="poison", error=poison,
+                return await self._fail(sub, message, reason=poison.reason, error=poison,
                                         retry=False, received_at=received_at, started=started)
         with delivery_context(
                 event_id=str(event.event_id), event_type=event.event_type,
                 correlation_id=event.correlation_id, order_id=event.order_key):
             try:
                 duplicate = await self._handle(sub, event, handler, received_at, started)
+            except RejectedError as exc:  # the handler's rules refuse it: no retry can help
+                log.warning("event rejected", queue=sub.queue, reason=exc.reason,
+                            error=str(exc)[:500])
+                return await self._fail(sub, message, reason=exc.reason, error=exc,
+                                        retry=False, received_at=received_at, started=started,
+                                        event=event)
             except Exception as exc:  # any handler failure: retry later or park; keep consuming
                 log.exception("handler failed", queue=sub.queue)
                 return await self._fail(sub, message, reason="handler_error", error=exc,
@@ -677,13 +736,19 @@ class ServiceRunner(Generic[StoreT]):
             "x-original-exchange": old.get("x-original-exchange") or message.exchange or "",
             "x-attempts": attempts,
         })
+        # Who really sent it travels with the copy, for the check when it comes back and for
+        # an operator's replay; a header the sender set itself is never kept.
+        headers.pop(ORIGINAL_USER, None)
+        if (sender := sender_of(message, rt.publisher.user_id)) is not None:
+            headers[ORIGINAL_USER] = sender
         retrying = retry and attempts <= len(self.topology.retry_delays)
+        exchange = self.topology.dead_letter_exchange(sub.queue)
         if retrying:
-            exchange, target = "", self.topology.retry_queue(sub.queue, attempts)
+            target = self.topology.retry_queue(sub.queue, attempts)
         else:
             if retry:
                 headers["x-error-reason"] = "retries_exhausted"
-            exchange, target = self.topology.dead_letter_exchange, self.topology.dlq(sub.queue)
+            target = self.topology.dlq(sub.queue)
         try:
             await rt.publisher.publish_raw(exchange, target, message.body, headers, message)
         except Exception:
@@ -833,9 +898,10 @@ async def run_service(spec: ServiceSpec[StoreT], settings: ServiceSettings,
         loop.add_signal_handler(sig, stopping.set)
     configure_tracing(spec.name, settings.otel_traces_exporter)
     try:
-        start_metrics_server(settings.metrics_port, spec.name)
+        start_metrics_server(settings.metrics_host, settings.metrics_port, spec.name)
     except OSError as exc:  # a taken port must not stop the service from working
-        log.warning("metrics not served", port=settings.metrics_port, error=str(exc))
+        log.warning("metrics not served", host=settings.metrics_host,
+                    port=settings.metrics_port, error=str(exc))
     runner = ServiceRunner(spec, settings)
     start = asyncio.create_task(runner.__aenter__())
     stop_wait = asyncio.create_task(stopping.wait())

@@ -13,6 +13,20 @@ from common.events import DeliveryReceipt, Event
 
 StoreT = TypeVar("StoreT")
 
+
+class RejectedError(Exception):
+    """An event that must not be handled, and that no retry can make acceptable.
+
+    The kit dead-letters its delivery at once, with `reason` in `x-error-reason`, and goes
+    on. It raises one itself for an unreadable body (poison) or a producer the broker does
+    not vouch for; a handler raises one for an event its rules refuse (an outcome for an
+    order that does not exist).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
 #: A handler: the business reaction to one event. It receives the event and the service's
 #: store, bound to the transaction the kit opened for this delivery, and returns the events
 #: it wants published. The kit commits the store's changes with those events (outbox) and
@@ -31,6 +45,10 @@ class ServiceSpec(Generic[StoreT]):
     store: Callable[[AsyncConnection], StoreT]
     #: The service's own tables, created at start-up.
     metadata: MetaData
+    #: The events its handlers (and extras, such as an API) produce; receipts and
+    #: announcements are the kit's. The kit refuses to store any other, and its broker user
+    #: may publish these and no more (`common.access`).
+    produces: tuple[type[Event], ...] = ()
     #: Runs once after the tables exist (seed data, for example).
     on_start: Callable[[AsyncEngine], Awaitable[None]] | None = None
     #: Extra handlers on the audit queue (receipts, announcements); only the tracker has them.

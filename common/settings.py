@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
 
 
 def _shared(name: str) -> AliasChoices:
@@ -74,6 +75,15 @@ class ServiceSettings(BaseSettings):
                     "off when unset.")
     metrics_port: int = Field(0, ge=0, le=65535,
                               description="Port of the Prometheus /metrics endpoint; 0: off.")
+    metrics_host: str = Field(
+        "127.0.0.1", validation_alias=_shared("SHOP_METRICS_HOST"),
+        description="Where /metrics listens: loopback unless told otherwise (0.0.0.0 in a "
+                    "container that Prometheus scrapes from another).")
+    broker_password: SecretStr | None = Field(
+        None, description="This service's own broker user's password (<SERVICE>_BROKER_PASSWORD). "
+                          "When set, the service connects as its own user, named after it "
+                          "(`broker_user`), whatever AMQP_URL says, and the producer of each "
+                          "event it receives is the one the broker authenticated.")
 
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL; default an SQLite file in the data folder.")
@@ -85,6 +95,27 @@ class ServiceSettings(BaseSettings):
         5.0, ge=0, le=1000, validation_alias=_shared("SHOP_BATCH_LINGER_MS"),
         description="Milliseconds a delivery waits for others to share its transaction "
                     "(0: only those already read off the socket).")
+
+    @model_validator(mode="after")
+    def _own_broker_user(self) -> ServiceSettings:
+        # One place swaps the credentials, so nothing that connects can forget to.
+        if self.broker_password is not None:
+            password = self.broker_password.get_secret_value()
+            self.amqp_url = _with_login(self.amqp_url, self.broker_user, password)
+            self.management_url = _with_login(self.management_url, self.broker_user, password)
+        return self
+
+    @property
+    def broker_user(self) -> str:
+        """The broker user of this service in a deployment with a user per service: its name
+        under the deployment's prefix (`common.access` grants it its permissions)."""
+        return f"{self.name_prefix}{self.service_name}"
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether this service connects as its own broker user, so that every service does
+        and the broker's validated `user_id` of a message names its producer."""
+        return self.broker_password is not None
 
     @field_validator("retry_delays", mode="before")
     @classmethod
@@ -108,3 +139,7 @@ class ServiceSettings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.data_dir / (self.service_name + '.db')}"
+
+
+def _with_login(url: str, user: str, password: str) -> str:
+    return str(URL(url).with_user(user).with_password(password))

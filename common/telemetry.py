@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -45,14 +46,16 @@ RECEIPT_LAG = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
 
-def start_metrics_server(port: int, service: str) -> None:
-    """Serve /metrics on `port` (0: not at all), from a thread prometheus-client owns."""
+def start_metrics_server(host: str, port: int, service: str) -> WSGIServer | None:
+    """Serve /metrics on `host`:`port` (port 0: not at all), from a thread prometheus-client
+    owns. The server, to stop it with `shutdown()`, or None."""
     if port <= 0:
-        return
+        return None
     from prometheus_client import start_http_server
 
-    start_http_server(port)
-    log.info("metrics served", port=port, path="/metrics", service=service)
+    server, _thread = start_http_server(port, addr=host)
+    log.info("metrics served", host=host, port=port, path="/metrics", service=service)
+    return server
 
 
 # --- traces -------------------------------------------------------------------------------

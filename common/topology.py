@@ -68,9 +68,15 @@ class Topology:
         # even when it is not running yet.
         return f"{self.prefix}audit.tracker"
 
-    @property
-    def dead_letter_exchange(self) -> str:
-        return f"{self.prefix}dead-letter"
+    def dead_letter_exchange(self, queue: str) -> str:
+        """The direct exchange through which `queue`'s deliveries go to its delay queues,
+        come back, and are parked in its dead-letter queue.
+
+        One per queue, named after it, rather than the default exchange or one shared by
+        all: whoever may write to it can put messages into that queue and its dead-letter
+        queue, so only the queue's own service gets that right (`common.access`).
+        """
+        return f"{queue}.dlx"
 
     async def declare_exchange(self, channel: AbstractChannel, name: str,
                                kind: aio_pika.ExchangeType) -> AbstractExchange:
@@ -99,12 +105,14 @@ class Topology:
 
     async def declare_subscriber_queue(self, channel: AbstractChannel, queue_name: str,
                                        exchange: AbstractExchange) -> AbstractQueue:
-        """The subscriber's queue, its dead-letter and delay queues, and the binding.
+        """The subscriber's queue, its dead-letter and delay queues, and the bindings.
 
         Idempotent. A delivery the broker gives up on (delivery limit) is dead-lettered to
-        `<queue>.dlq`; each delay queue expires its messages back into the queue.
+        `<queue>.dlq`; each delay queue expires its messages back into the queue. All three
+        paths go through the queue's own dead-letter exchange, never the fanout (the other
+        subscribers already have their copy).
         """
-        dlx = await self.declare_exchange(channel, self.dead_letter_exchange,
+        dlx = await self.declare_exchange(channel, self.dead_letter_exchange(queue_name),
                                           aio_pika.ExchangeType.DIRECT)
         # The dead-letter queue is classic: operators browse it (get, then requeue), and a
         # quorum queue would count each browse as a delivery (4.0 drops a message after 20).
@@ -112,18 +120,18 @@ class Topology:
                                        quorum=False)
         await dlq.bind(dlx, routing_key=dlq.name)
         for attempt, delay in enumerate(self.retry_delays, start=1):
-            # Through the default exchange straight back to this queue only, not the
-            # fanout (the other subscribers already have their copy).
-            await self.declare_queue(channel, self.retry_queue(queue_name, attempt), {
+            retry = await self.declare_queue(channel, self.retry_queue(queue_name, attempt), {
                 "x-message-ttl": int(delay * 1000),
-                "x-dead-letter-exchange": "",
+                "x-dead-letter-exchange": dlx.name,
                 "x-dead-letter-routing-key": queue_name,
             })
+            await retry.bind(dlx, routing_key=retry.name)
         queue = await self.declare_queue(channel, queue_name, {
             "x-delivery-limit": self.delivery_limit,
-            "x-dead-letter-exchange": self.dead_letter_exchange,
+            "x-dead-letter-exchange": dlx.name,
             "x-dead-letter-routing-key": self.dlq(queue_name),
         })
+        await queue.bind(dlx, routing_key=queue_name)
         await queue.bind(exchange, routing_key="")
         return queue
 

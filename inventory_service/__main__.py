@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from common.events import StockReservationFailed, StockReserved
 from common.logging import configure_logging
 from common.runner import run_service
 from common.service import ServiceSpec
@@ -17,6 +18,7 @@ SPEC = ServiceSpec(
     handlers=HANDLERS,
     store=StockStore,
     metadata=metadata,
+    produces=(StockReserved, StockReservationFailed),
     on_start=seed_catalogue,
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from common.events import ShipmentScheduled
 from common.logging import configure_logging
 from common.runner import run_service
 from common.service import ServiceSpec
@@ -11,7 +12,8 @@ from logistics_service.handlers import HANDLERS, SERVICE_NAME
 from logistics_service.settings import LogisticsSettings
 from logistics_service.store import ShipmentStore, metadata
 
-SPEC = ServiceSpec(name=SERVICE_NAME, handlers=HANDLERS, store=ShipmentStore, metadata=metadata)
+SPEC = ServiceSpec(name=SERVICE_NAME, handlers=HANDLERS, store=ShipmentStore, metadata=metadata,
+                   produces=(ShipmentScheduled,))
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import sys
 
 from pydantic import ValidationError
 
+from common.events import OrderPlaced
 from common.logging import configure_logging
 from common.runner import run_service
 from common.service import ServiceSpec
@@ -20,6 +21,7 @@ SPEC = ServiceSpec(
     handlers=HANDLERS,
     store=OrderStore,
     metadata=metadata,
+    produces=(OrderPlaced,),
     on_start=upgrade_schema,
     audit_handlers=AUDIT_HANDLERS,
     keep_receipts=OrderStore.record_deliveries,

@@ -14,17 +14,43 @@ from common.events import (
     StockReserved,
     SubscriberAnnounced,
 )
-from common.service import Handler
+from common.service import Handler, RejectedError
 from common.telemetry import RECEIPT_LAG
 from order_service.domain import OrderState
 from order_service.store import OrderStore
 
+#: Who may tell the order service each outcome. Where every service has a broker user of
+#: its own, `producer` is the one the broker vouches for (`common.access`); anyone else's
+#: outcome is parked as a dead letter, not believed.
+PRODUCERS: dict[type[Event], str] = {
+    StockReserved: "inventory",
+    StockReservationFailed: "inventory",
+    ShipmentScheduled: "logistics",
+    SellerNotified: "seller",
+}
+
+
+async def _record(event: StockReserved | StockReservationFailed | ShipmentScheduled
+                  | SellerNotified, store: OrderStore, kind: str, fields: set[str]) -> None:
+    """Keep an outcome of one of our orders from the service that owns it, or refuse it."""
+    expected = PRODUCERS[type(event)]
+    if event.producer != expected:
+        raise RejectedError("untrusted_producer",
+                            f"{event.event_type} for order {event.order_id} comes from "
+                            f"{event.producer!r}; only {expected!r} reports it")
+    if not await store.record_outcome(event.order_id, kind,
+                                      event.model_dump(mode="json", include=fields),
+                                      event.occurred_at, event.event_id, event.producer):
+        # Orders are committed before their OrderPlaced is published, so a real outcome
+        # always finds its order: this one answers an order nobody placed here.
+        raise RejectedError("unknown_order",
+                            f"{event.event_type} for order {event.order_id}, which this order "
+                            "service never placed")
+
 
 async def stock_reserved(event: StockReserved, store: OrderStore) -> list[Event]:
     """Inventory reserved every line: the order is confirmed."""
-    await store.record_outcome(event.order_id, "stock_reserved",
-                               event.model_dump(mode="json", include={"lines"}),
-                               event.occurred_at, event.event_id, event.producer)
+    await _record(event, store, "stock_reserved", {"lines"})
     await store.advance_state(event.order_id, OrderState.CONFIRMED)
     return []
 
@@ -32,20 +58,15 @@ async def stock_reserved(event: StockReserved, store: OrderStore) -> list[Event]
 async def stock_reservation_failed(event: StockReservationFailed,
                                    store: OrderStore) -> list[Event]:
     """Inventory could not reserve the order: it is rejected, with the reason kept."""
-    await store.record_outcome(event.order_id, "stock_failed",
-                               event.model_dump(mode="json", include={"reason", "lines"}),
-                               event.occurred_at, event.event_id, event.producer)
+    await _record(event, store, "stock_failed", {"reason", "lines"})
     await store.advance_state(event.order_id, OrderState.REJECTED)
     return []
 
 
 async def shipment_scheduled(event: ShipmentScheduled, store: OrderStore) -> list[Event]:
     """Logistics scheduled the shipment: keep carrier, tracking number and date."""
-    await store.record_outcome(
-        event.order_id, "shipment",
-        event.model_dump(mode="json", include={"shipment_id", "carrier", "tracking_number",
-                                               "estimated_delivery"}),
-        event.occurred_at, event.event_id, event.producer)
+    await _record(event, store, "shipment",
+                  {"shipment_id", "carrier", "tracking_number", "estimated_delivery"})
     # Any outcome proves OrderPlaced was published, even if its receipts come later.
     await store.advance_state(event.order_id, OrderState.PLACED)
     return []
@@ -53,9 +74,7 @@ async def shipment_scheduled(event: ShipmentScheduled, store: OrderStore) -> lis
 
 async def seller_notified(event: SellerNotified, store: OrderStore) -> list[Event]:
     """A seller was told about its lines."""
-    await store.record_outcome(event.order_id, "seller",
-                               event.model_dump(mode="json", include={"seller_id", "lines"}),
-                               event.occurred_at, event.event_id, event.producer)
+    await _record(event, store, "seller", {"seller_id", "lines"})
     await store.advance_state(event.order_id, OrderState.PLACED)
     return []
 

@@ -210,7 +210,14 @@ _DELIVERY_UPSERTS = {"sqlite": _delivery_upsert(sqlite.insert),
 # than SQLite took to run them.
 _INSERT_ORDER = orders.insert()
 _INSERT_EXPECTATIONS = order_expectations.insert()
-_INSERT_OUTCOME = outcomes.insert()
+#: An outcome only for an order we have: one statement, whose row count says whether it was.
+_INSERT_OUTCOME = outcomes.insert().from_select(
+    ["order_id", "kind", "detail", "at", "event_id", "producer"],
+    sa.select(orders.c.order_id, sa.bindparam("kind", type_=sa.String),
+              sa.bindparam("detail", type_=sa.Text), sa.bindparam("at", type_=UTCDateTime()),
+              sa.bindparam("event_id", type_=sa.String),
+              sa.bindparam("producer", type_=sa.String))
+    .where(orders.c.order_id == sa.bindparam("order_id")))
 _ADVANCE = (orders.update()
             .where(orders.c.order_id == sa.bindparam("b_order_id"),
                    orders.c.state.in_(sa.bindparam("b_weaker", expanding=True)))
@@ -330,11 +337,13 @@ class OrderStore:
 
     async def record_outcome(self, order_id: uuid.UUID, kind: str, detail: Mapping[str, Any],
                              at: datetime, event_id: uuid.UUID,
-                             producer: str | None = None) -> None:
-        """Keep a domain outcome another service reported (and which service it was)."""
-        await self.conn.execute(_INSERT_OUTCOME, {
+                             producer: str | None = None) -> bool:
+        """Keep a domain outcome another service reported (and which service it was);
+        False, keeping nothing, when there is no such order."""
+        result = await self.conn.execute(_INSERT_OUTCOME, {
             "order_id": str(order_id), "kind": kind, "detail": json.dumps(detail, default=str),
             "at": at, "event_id": str(event_id), "producer": producer})
+        return bool(result.rowcount)
 
     # --- registry -------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from common.events import SellerNotified
 from common.logging import configure_logging
 from common.runner import run_service
 from common.service import ServiceSpec
@@ -11,7 +12,8 @@ from seller_service.handlers import HANDLERS, SERVICE_NAME
 from seller_service.settings import SellerSettings
 from seller_service.store import InboxStore, metadata
 
-SPEC = ServiceSpec(name=SERVICE_NAME, handlers=HANDLERS, store=InboxStore, metadata=metadata)
+SPEC = ServiceSpec(name=SERVICE_NAME, handlers=HANDLERS, store=InboxStore, metadata=metadata,
+                   produces=(SellerNotified,))
 
 
 def main() -> None:

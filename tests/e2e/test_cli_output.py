@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
+from yarl import URL
 
 from tests.e2e.support import SERVICES, SUBSCRIBERS, System, free_port, poll, run_system
 
@@ -180,3 +181,37 @@ def test_shop_up_on_a_pipe_writes_plain_lines_and_no_false_outage(
     for name, _, line in prefixed:
         assert json.loads(line)["service"] == name.strip()
     assert "all services stopped" in text
+
+
+def test_broker_setup_json_prints_only_json(system: System, amqp_url: str,
+                                            management_url: str) -> None:
+    """`shop broker setup --json`, run as an administrator of its own (made for the test, so
+    the broker's own stays as it is): one JSON document naming each service's user and its
+    grant, twice in a row (it is idempotent); the users are removed afterwards."""
+    parts = urlsplit(management_url)
+    api = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}/api"
+    auth = (parts.username or "guest", parts.password or "guest")
+    prefix = system.env["SHOP_NAME_PREFIX"]
+    admin, password = f"{prefix}admin", uuid.uuid4().hex
+    vhost = quote("/", safe="")
+    with httpx.Client(auth=auth, timeout=10) as client:
+        client.put(f"{api}/users/{quote(admin, safe='')}",
+                   json={"password": password, "tags": "administrator"}).raise_for_status()
+        client.put(f"{api}/permissions/{vhost}/{quote(admin, safe='')}",
+                   json={"configure": ".*", "write": ".*", "read": ".*"}).raise_for_status()
+        try:
+            env = {**system.env,
+                   "AMQP_URL": str(URL(amqp_url).with_user(admin).with_password(password)),
+                   "RABBITMQ_MANAGEMENT_URL": str(URL(management_url).with_user(admin)
+                                                  .with_password(password)),
+                   **{f"{name.upper()}_BROKER_PASSWORD": uuid.uuid4().hex for name in SERVICES}}
+            for _ in range(2):
+                result = subprocess.run([sys.executable, "-m", "common.cli", "broker", "setup",
+                                         "--json"], env=env, capture_output=True, text=True,
+                                        timeout=60, check=False)
+                assert result.returncode == 0, result.stderr[-2000:]
+                report = parsed(result, "broker setup --json")
+                assert {u["user"] for u in report["users"]} == {prefix + s for s in SERVICES}
+        finally:
+            for user in (admin, *(prefix + s for s in SERVICES)):
+                client.delete(f"{api}/users/{quote(user, safe='')}")

@@ -51,8 +51,9 @@ def probe(fault: Fault, name: str = "dlqprobe") -> ServiceSpec[ProbeStore]:
         await store.record(event.order_id)
         return []
 
+    # It publishes the test's orders from its own outbox (`publish`), so it produces them.
     return ServiceSpec(name=name, handlers={OrderPlaced: record}, store=ProbeStore,
-                       metadata=metadata)
+                       metadata=metadata, produces=(OrderPlaced,))
 
 
 @pytest.fixture(autouse=True)
@@ -384,7 +385,7 @@ async def test_a_replay_nobody_can_route_leaves_the_dead_letter_where_it_was(
     await topology.declare_subscriber_queue(channel, queue, exchange)
     await channel.queue_delete(queue)
     order = make_order(producer="test")
-    dead_letters = await channel.get_exchange(topology.dead_letter_exchange)
+    dead_letters = await channel.get_exchange(topology.dead_letter_exchange(queue))
     await dead_letters.publish(message_for(order, headers={
         "x-error-reason": "retries_exhausted", "x-attempts": 3, "x-original-queue": queue}),
         routing_key=topology.dlq(queue))

@@ -62,8 +62,10 @@ async def record_order(event: OrderPlaced, store: ProbeStore) -> Sequence[Event]
     return []
 
 
+# The probes publish the tests' events from their own outboxes (`publish`), so they
+# produce them.
 PROBE = ServiceSpec(name="probe", handlers={OrderPlaced: record_order}, store=ProbeStore,
-                    metadata=probe_metadata)
+                    metadata=probe_metadata, produces=(OrderPlaced, StockReserved))
 
 
 def an_order(customer: str = "cust-1") -> OrderPlaced:
@@ -213,7 +215,7 @@ async def flaky(event: OrderPlaced, store: ProbeStore) -> Sequence[Event]:
 
 
 FLAKY = ServiceSpec(name="flaky", handlers={OrderPlaced: flaky}, store=ProbeStore,
-                    metadata=probe_metadata)
+                    metadata=probe_metadata, produces=(OrderPlaced,))
 
 
 async def test_a_handler_that_fails_twice_then_succeeds_is_handled_once_after_growing_delays(
@@ -369,7 +371,7 @@ async def slow(event: OrderPlaced, store: ProbeStore) -> Sequence[Event]:
 
 
 SLOW = ServiceSpec(name="slow", handlers={OrderPlaced: slow}, store=ProbeStore,
-                   metadata=probe_metadata)
+                   metadata=probe_metadata, produces=(OrderPlaced,))
 
 
 @pytest.mark.parametrize("finishes_in_time", [True, False])

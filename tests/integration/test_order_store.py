@@ -27,8 +27,9 @@ from common.events import (
     UnreservableLine,
 )
 from common.outbox import kit_metadata, outbox
+from common.service import RejectedError
 from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
-from order_service.handlers import AUDIT_HANDLERS, HANDLERS
+from order_service.handlers import AUDIT_HANDLERS, HANDLERS, PRODUCERS
 from order_service.store import (
     OrderStore,
     deliveries,
@@ -37,7 +38,7 @@ from order_service.store import (
     outcomes,
     upgrade_schema,
 )
-from tests.factories import make_address, make_line
+from tests.factories import make_address, make_line, make_order
 from tests.storage import index_names
 
 pytestmark = pytest.mark.integration
@@ -57,8 +58,11 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 async def deliver(engine: AsyncEngine, event: Event) -> None:
-    """What the kit does: the handler for the event's type, in one transaction."""
+    """What the kit does: the handler for the event's type, in one transaction, the event
+    stamped by the service that produces it."""
     handler = {**HANDLERS, **AUDIT_HANDLERS}[type(event)]
+    if event.producer is None and type(event) in PRODUCERS:
+        event = event.model_copy(update={"producer": PRODUCERS[type(event)]})
     async with engine.begin() as conn:
         assert list(await handler(event, OrderStore(conn))) == []
 
@@ -246,7 +250,7 @@ async def test_stock_reserved_confirms_the_order(engine: AsyncEngine) -> None:
     """StockReserved records the reserved lines and confirms the order."""
     order = await place(engine)
     event = StockReserved(order_id=order.order_id,
-                          lines=(ReservedLine(sku="SKU-1", quantity=2),)).caused(order, "inv")
+                          lines=(ReservedLine(sku="SKU-1", quantity=2),)).caused(order, "inventory")
     await deliver(engine, event)
     st = await status(engine, order.order_id)
     assert st.state == OrderState.CONFIRMED
@@ -301,12 +305,29 @@ async def test_shipment_and_seller_outcomes_are_recorded(engine: AsyncEngine) ->
     assert st.outcomes[1].detail["seller_id"] == "s1"
 
 
-async def test_an_outcome_for_an_unknown_order_breaks_nothing(engine: AsyncEngine) -> None:
-    """An outcome about an order this service never stored is kept and ignored for state."""
+async def test_an_outcome_for_an_unknown_order_is_refused(engine: AsyncEngine) -> None:
+    """An outcome about an order this service never placed is refused (the kit parks it as a
+    dead letter with the reason) and leaves nothing behind."""
     stray = StockReserved(order_id=uuid.uuid4(), lines=(ReservedLine(sku="S", quantity=1),))
-    await deliver(engine, stray)
+    with pytest.raises(RejectedError) as refused:
+        await deliver(engine, stray)
+    assert refused.value.reason == "unknown_order"
     async with engine.connect() as conn:
         assert await OrderStore(conn).status(stray.order_id) is None
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(outcomes))
+                ).scalar_one() == 0
+
+
+async def test_an_outcome_from_another_service_is_refused(engine: AsyncEngine) -> None:
+    """StockReserved is inventory's to report: from anyone else it is refused and the order
+    stays as it was."""
+    order = await place(engine)
+    forged = StockReserved(order_id=order.order_id, lines=(ReservedLine(sku="SKU-1", quantity=2),)
+                           ).caused(order, "seller")
+    with pytest.raises(RejectedError) as refused:
+        await deliver(engine, forged)
+    assert refused.value.reason == "untrusted_producer"
+    assert (await status(engine, order.order_id)).state == OrderState.ACCEPTED
 
 
 async def test_status_keeps_the_order_as_placed(engine: AsyncEngine) -> None:
@@ -575,7 +596,9 @@ async def test_an_older_database_gets_the_producer_column(db_url: str) -> None:
         await upgrade_schema(engine)
         await upgrade_schema(engine)
         async with engine.begin() as conn:
-            await OrderStore(conn).record_outcome(uuid.uuid4(), "seller", {}, T0, uuid.uuid4(),
+            order = make_order()
+            await OrderStore(conn).add_order(order)
+            await OrderStore(conn).record_outcome(order.order_id, "seller", {}, T0, uuid.uuid4(),
                                                   producer="seller")
             producers = (await conn.execute(sa.select(outcomes.c.producer))).scalars().all()
     finally:

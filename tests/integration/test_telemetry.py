@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -12,7 +13,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from common.events import OrderPlaced
-from tests.integration.support import StartService, wait_for
+from common.settings import ServiceSettings
+from common.telemetry import start_metrics_server
+from tests.integration.support import StartService, free_port, wait_for
 from tests.integration.test_order_flow import (
     _with_outcomes,
     complete,
@@ -86,3 +89,19 @@ async def test_deliveries_and_confirms_are_counted(start_service: StartService) 
     assert (REGISTRY.get_sample_value(
         "shop_publish_confirm_seconds_count",
         {"service": "order", "event_type": "OrderPlaced"}) or 0.0) == confirms_before + 1
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise() -> None:
+    """With the default settings /metrics is served on 127.0.0.1 only, and answers there."""
+    settings = ServiceSettings()
+    server = start_metrics_server(settings.metrics_host, free_port(), "probe")
+    assert server is not None
+    try:
+        host, port = server.server_address[:2]
+        assert host == "127.0.0.1"
+        answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert answer.status_code == 200
+        assert "shop_deliveries_total" in answer.text
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import re
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
-from unittest import mock
 from urllib.parse import urlsplit
 
-import prometheus_client
 import pytest
 import yaml
-from pydantic import AliasChoices, AliasPath, TypeAdapter
+from pydantic import AliasChoices, AliasPath
 
 from common.settings import ServiceSettings
-from common.telemetry import start_metrics_server
 from order_service.settings import OrderSettings
 
 pytestmark = pytest.mark.unit
@@ -26,6 +24,8 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 BROKER = "rabbitmq"
 PROMETHEUS = "prometheus"
+#: Runs once before the services and exits: broker users and permissions.
+SETUP = "broker-setup"
 EXPECTED_SERVICES = ("order", "inventory", "logistics", "seller")
 SQLITE_URL_PREFIX = "sqlite+aiosqlite:///"
 
@@ -44,14 +44,62 @@ def services() -> dict[str, Any]:
     return found
 
 
-# Every service in the file but the broker and Prometheus: a subscriber added later is
-# checked too.
-APP_SERVICES = sorted(name for name in services() if name not in (BROKER, PROMETHEUS))
+# Every service in the file but the broker, Prometheus and the set-up job: a subscriber
+# added later is checked too.
+APP_SERVICES = sorted(name for name in services() if name not in (BROKER, PROMETHEUS, SETUP))
+
+#: `${NAME}`, `${NAME:-default}`, `${NAME:?error}` (and without the colon), as compose reads them.
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<colon>:?)(?P<op>[-?])"
+                       r"(?P<arg>[^}]*))?\}")
 
 
-def environment(service: str) -> dict[str, str]:
+class MissingVariableError(Exception):
+    """What compose refuses to start without."""
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """`value` with its variables replaced from `env`, as `docker compose` does (no Docker
+    engine runs where the tests do, and the compose plugin is not installed either)."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        found = env.get(name)
+        unset = found is None or (match["colon"] == ":" and found == "")
+        if unset and op == "-":
+            return str(arg)
+        if unset and op == "?":
+            raise MissingVariableError(f"required variable {name} is missing a value: {arg}")
+        return found or ""
+
+    return _VARIABLE.sub(one, value)
+
+
+def resolved(env: dict[str, str]) -> Any:
+    """The whole compose file with its variables replaced from `env`."""
+
+    def walk(data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: walk(v) for k, v in data.items()}
+        if isinstance(data, list):
+            return [walk(v) for v in data]
+        return interpolate(data, env) if isinstance(data, str) else data
+
+    return walk(compose())
+
+
+@cache
+def dot_env(tmp: Path) -> dict[str, str]:
+    """The variables `scripts/new-env` writes, as compose would read them from .env."""
+    target = tmp / ".env"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "new-env"), str(target)],
+                   check=True, capture_output=True)
+    lines = target.read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def environment(service: str, data: dict[str, Any] | None = None) -> dict[str, str]:
     """A service's environment, whichever of compose's two spellings it uses."""
-    env = services()[service].get("environment") or {}
+    env = (data or services())[service].get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     return {str(name): str(value) for name, value in env.items()}
@@ -95,10 +143,10 @@ def env_names(cls: type[ServiceSettings]) -> dict[str, str]:
     return names
 
 
-def container_ports(service: str) -> list[int]:
+def container_ports(service: str, data: dict[str, Any] | None = None) -> list[int]:
     """Container-side ports a service publishes (short "host:container" or long syntax)."""
     ports: list[int] = []
-    for entry in services()[service].get("ports", []):
+    for entry in (data or services())[service].get("ports", []):
         if isinstance(entry, dict):
             ports.append(int(entry["target"]))
         else:
@@ -126,7 +174,7 @@ def test_broker_image_is_pinned_management_image_with_health_check() -> None:
     healthcheck = broker.get("healthcheck") or {}
     assert healthcheck.get("test"), "rabbitmq needs a healthcheck for depends_on to wait on"
     assert not healthcheck.get("disable", False)
-    assert {5672, 15672} <= set(container_ports(BROKER)), "publish AMQP and the management UI"
+    assert 5672 in container_ports(BROKER), "publish AMQP, for the shop CLI on the host"
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
@@ -172,19 +220,23 @@ def test_environment_names_are_read_by_the_settings_class(service: str) -> None:
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
-def test_settings_take_the_compose_values(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Built from the compose environment, a service's settings hold exactly those values."""
+def test_settings_take_the_compose_values(service: str, monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    """Built from the compose environment (with a .env from scripts/new-env), a service's
+    settings hold exactly those values; the broker URLs carry the service's own user."""
     cls = settings_class(service)
     names = env_names(cls)
-    env = environment(service)
+    env = environment(service, resolved(dot_env(tmp_path))["services"])
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = cls()
     for name, value in env.items():
         field = names[name.upper()]
-        annotation = cls.model_fields[field].annotation
-        assert annotation is not None
-        expected = TypeAdapter(annotation).validate_python(value)
+        # Validated as the class validates it on its own (comma-separated lists included).
+        expected = getattr(cls.model_validate({field: value}), field)
+        if field in ("amqp_url", "management_url"):
+            assert urlsplit(getattr(settings, field)).username == settings.broker_user
+            continue
         assert getattr(settings, field) == expected, f"{service}: {name} was not taken"
 
 
@@ -201,10 +253,10 @@ def test_services_reach_the_broker_service(service: str) -> None:
 
 @pytest.mark.parametrize("service", APP_SERVICES)
 def test_each_service_keeps_its_database_on_its_own_volume(
-    service: str, monkeypatch: pytest.MonkeyPatch
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A service's SQLite file lies on a named volume that no other service mounts."""
-    for name, value in environment(service).items():
+    for name, value in environment(service, resolved(dot_env(tmp_path))["services"]).items():
         monkeypatch.setenv(name, value)
     url = settings_class(service)().db_url()
     assert url.startswith(SQLITE_URL_PREFIX), f"{service}: expected an SQLite URL, got {url}"
@@ -287,10 +339,106 @@ def test_every_scrape_target_is_a_compose_service() -> None:
     assert hosts <= set(services()), f"unknown hosts: {sorted(hosts - set(services()))}"
 
 
-def test_metrics_listen_on_every_interface() -> None:
-    """The metrics server binds all interfaces, so Prometheus reaches it in another container."""
-    default = inspect.signature(prometheus_client.start_http_server).parameters["addr"].default
-    with mock.patch("prometheus_client.start_http_server") as start:
-        start_metrics_server(9100, "order")
-    start.assert_called_once()
-    assert start.call_args.kwargs.get("addr", default) in ("0.0.0.0", "::", "")  # noqa: S104
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_metrics_listen_beyond_loopback_only_inside_the_compose_network(service: str) -> None:
+    """In compose a service serves /metrics on every interface of its container, for
+    Prometheus in another, but the port is exposed to that network and never published."""
+    assert environment(service).get("SHOP_METRICS_HOST") == "0.0.0.0"  # noqa: S104
+    assert metrics_port(service) not in container_ports(service)
+
+
+def test_metrics_listen_on_loopback_by_default() -> None:
+    """Outside compose, /metrics listens on loopback unless told otherwise."""
+    assert ServiceSettings.model_fields["metrics_host"].default == "127.0.0.1"
+
+
+# --- a deployment nobody can walk into ----------------------------------------------------
+
+def test_no_credential_is_written_in_the_compose_file() -> None:
+    """Every password and token is a required variable from .env: none has a value or a
+    default in the file, and the broker image's guest user is replaced."""
+    text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    assert "guest:" not in text, "no default credentials"
+    secrets = {name: value
+               for service in services()
+               for name, value in environment(service).items()
+               if any(word in name for word in ("PASSWORD", "PASS", "TOKEN"))}
+    assert secrets, "the broker and the services need credentials"
+    for name, value in secrets.items():
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", value), f"{name}: {value!r}"
+    assert environment(BROKER)["RABBITMQ_DEFAULT_PASS"].startswith("${RABBITMQ_ADMIN_PASSWORD:?")
+    for url in (v for s in services() for n, v in environment(s).items() if n.endswith("URL")):
+        password = urlsplit(url).password
+        assert password is None or password.startswith("${"), url
+
+
+def test_without_an_env_file_compose_stops_and_says_what_to_do() -> None:
+    """With none of the secrets set, compose refuses to start, naming the variable and the
+    script that writes them."""
+    with pytest.raises(MissingVariableError) as refused:
+        resolved({})
+    assert "is missing a value" in str(refused.value)
+    assert "scripts/new-env" in str(refused.value)
+
+
+def test_new_env_writes_every_secret_compose_needs(tmp_path: Path) -> None:
+    """scripts/new-env writes every variable compose requires, each a different long random
+    value, in a file only its owner reads; it does not overwrite it."""
+    env = dot_env(tmp_path)
+    resolved(env)  # raises if one is missing
+    secrets = [v for k, v in env.items() if k.endswith(("PASSWORD", "TOKEN"))]
+    assert len(secrets) == len(set(secrets)) >= 2 + len(APP_SERVICES)
+    assert all(len(value) >= 24 for value in secrets)
+    assert (tmp_path / ".env").stat().st_mode & 0o077 == 0
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "new-env"),
+                            str(tmp_path / ".env")], capture_output=True, text=True, check=False)
+    assert again.returncode == 1
+    assert "exists" in again.stderr
+
+
+def published(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(service, host address, container port) of every published port."""
+    found = []
+    for name, service in data["services"].items():
+        for entry in service.get("ports", []):
+            parts = str(entry).split(":")
+            assert len(parts) == 3, f"{name}: {entry!r} publishes on every interface"
+            found.append((name, parts[0], parts[2]))
+    return found
+
+
+def test_ports_are_published_on_loopback_unless_told_otherwise(tmp_path: Path) -> None:
+    """Every published port is bound to 127.0.0.1; SHOP_PUBLISH_ADDRESS opens them on purpose."""
+    env = dot_env(tmp_path)
+    ports = published(resolved(env))
+    assert ports
+    assert {address for _, address, _ in ports} == {"127.0.0.1"}
+    opened = published(resolved({**env, "SHOP_PUBLISH_ADDRESS": "0.0.0.0"}))  # noqa: S104
+    assert {address for _, address, _ in opened} == {"0.0.0.0"}  # noqa: S104
+
+
+def test_the_management_ui_is_published_only_by_its_override_on_loopback(tmp_path: Path) -> None:
+    """15672 (which can read and purge every queue) is not published by docker-compose.yml;
+    deploy/compose.management.yml publishes it on the host's loopback."""
+    assert 15672 not in container_ports(BROKER)
+    override = yaml.safe_load((ROOT / "deploy" / "compose.management.yml").read_text("utf-8"))
+    assert published(override) == [(BROKER, "127.0.0.1", "15672")]
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_each_service_connects_as_its_own_broker_user(service: str) -> None:
+    """Each service gets its own broker password (so its own user, least privilege) and
+    waits for the set-up job that creates that user; the job gets every service's password."""
+    variable = f"{service.upper()}_BROKER_PASSWORD"
+    assert variable in environment(service)
+    assert env_names(settings_class(service))[variable] == "broker_password"
+    assert environment(SETUP)[variable] == environment(service)[variable]
+    depends_on = services()[service]["depends_on"]
+    assert depends_on[SETUP]["condition"] == "service_completed_successfully"
+    assert services()[SETUP]["command"] == ["shop", "broker", "setup"]
+
+
+def test_the_order_api_needs_its_tokens_in_compose() -> None:
+    """Listening beyond its container's loopback, the API is given both tokens."""
+    env = environment("order")
+    assert {"SHOP_API_TOKEN", "SHOP_OPERATOR_TOKEN"} <= set(env)
