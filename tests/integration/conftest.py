@@ -9,10 +9,18 @@ from typing import Any
 import aio_pika
 import pytest
 
+from common.db import create_tables, make_engine
 from common.runner import Runtime, ServiceRunner
 from common.service import ServiceSpec
 from common.settings import ServiceSettings
-from tests.integration.support import StartService, delete_topology, settings_for
+from order_service.settings import OrderSettings
+from order_service.store import metadata
+from tests.integration.support import (
+    FakeRuntime,
+    StartService,
+    delete_topology,
+    settings_for,
+)
 
 
 @pytest.fixture
@@ -40,3 +48,13 @@ async def start_service(amqp_url: str, management_url: str, name_prefix: str, tm
     for runner in reversed(runners):
         await runner.stop()
     await delete_topology(amqp_url, [r.topology for r in runners], name_prefix, management_url)
+
+
+@pytest.fixture
+async def runtime(db_url: str, settings: OrderSettings) -> AsyncIterator[FakeRuntime]:
+    """The order API's runtime without a broker, on SQLite and PostgreSQL (`settings`: the
+    module's own)."""
+    engine = make_engine(db_url)
+    await create_tables(engine, metadata)
+    yield FakeRuntime(engine, settings)
+    await engine.dispose()

@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
 import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp
 
-from common.events import EVENT_TYPES, DeliveryReceipt, receipts_of
+from common.events import EVENT_TYPES, DeliveryReceipt, Event, receipts_of
 from common.observe import sweep_prefix
 from common.runner import Runtime
 from common.settings import ServiceSettings
 from common.topology import Topology
+from order_service.api import Work
 
 T = TypeVar("T")
 
@@ -120,3 +122,42 @@ async def delete_topology(amqp_url: str, topologies: list[Topology], prefix: str
         await connection.close()
     if management_url is not None:
         await asyncio.to_thread(sweep_prefix, management_url, prefix)
+
+
+class FakeRuntime:
+    """The runtime the API needs, without a broker: `execute` commits and collects events."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServiceSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.published: list[Event] = []
+        self.broker_up = True
+        self.database_up = True
+
+    async def execute(self, work: Work) -> list[Event]:
+        async with self.engine.begin() as conn:
+            events: Sequence[Event] = await work(conn)
+        self.published.extend(events)
+        return list(events)
+
+    def broker_ok(self) -> bool:
+        return self.broker_up
+
+    async def db_ok(self) -> bool:
+        if not self.database_up:
+            raise ConnectionError("database gone")
+        return True
+
+
+def order_body(**changes: Any) -> dict[str, Any]:
+    """A valid POST /orders body, with `changes` at its top level."""
+    body: dict[str, Any] = {
+        "customer_id": "cust-1",
+        "lines": [{"sku": "SKU-BOOK-1", "quantity": 2, "unit_price": "19.99",
+                   "seller_id": "books"}],
+        "currency": "EUR",
+        "shipping_address": {"name": "Ada", "street": "1 Row", "city": "Berlin",
+                             "postal_code": "10115", "country": "DE"},
+    }
+    body.update(changes)
+    return body

@@ -15,15 +15,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.db import create_tables, make_engine
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
-from common.settings import ServiceSettings
 from order_service.api import (
     PAGE_MAX,
     OrderRuntime,
-    Work,
     create_app,
     decode_cursor,
     encode_cursor,
@@ -34,36 +31,11 @@ from order_service.handlers import AUDIT_HANDLERS
 from order_service.settings import OrderSettings
 from order_service.store import OrderStore, Position, metadata, orders
 from tests.factories import make_address, make_line
-from tests.integration.support import wait_for
+from tests.integration.support import FakeRuntime, order_body, wait_for
 
 pytestmark = pytest.mark.integration
 
 MAX_BODY = 4096
-
-
-class FakeRuntime:
-    """The runtime the API needs, without a broker: `execute` commits and collects events."""
-
-    def __init__(self, engine: AsyncEngine, settings: ServiceSettings) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.published: list[Event] = []
-        self.broker_up = True
-        self.database_up = True
-
-    async def execute(self, work: Work) -> list[Event]:
-        async with self.engine.begin() as conn:
-            events: Sequence[Event] = await work(conn)
-        self.published.extend(events)
-        return list(events)
-
-    def broker_ok(self) -> bool:
-        return self.broker_up
-
-    async def db_ok(self) -> bool:
-        if not self.database_up:
-            raise ConnectionError("database gone")
-        return True
 
 
 API_TOKEN = "api-token-0123456789abcdef"
@@ -79,14 +51,6 @@ def settings(tmp_path: Path) -> OrderSettings:
     # Tokens given as None, so a developer's own SHOP_*_TOKEN does not change the tests.
     return OrderSettings(max_body_bytes=MAX_BODY, data_dir=tmp_path, api_token=None,
                          operator_token=None)
-
-
-@pytest.fixture
-async def runtime(db_url: str, settings: OrderSettings) -> AsyncIterator[FakeRuntime]:
-    engine = make_engine(db_url)
-    await create_tables(engine, metadata)
-    yield FakeRuntime(engine, settings)
-    await engine.dispose()
 
 
 @contextlib.asynccontextmanager
@@ -106,17 +70,6 @@ async def client(runtime: FakeRuntime, settings: OrderSettings
         yield client
 
 
-def order_body(**changes: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "customer_id": "cust-1",
-        "lines": [{"sku": "SKU-BOOK-1", "quantity": 2, "unit_price": "19.99",
-                   "seller_id": "books"}],
-        "currency": "EUR",
-        "shipping_address": {"name": "Ada", "street": "1 Row", "city": "Berlin",
-                             "postal_code": "10115", "country": "DE"},
-    }
-    body.update(changes)
-    return body
 
 
 async def audit(runtime: FakeRuntime, event: Event) -> None:
