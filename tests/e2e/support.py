@@ -22,6 +22,13 @@ SUBSCRIBERS = {"inventory", "logistics", "seller"}
 SERVICES = ("order", *sorted(SUBSCRIBERS))
 
 
+def ctrl_c_reaches_it() -> None:
+    """`preexec_fn` for a command the test stops with SIGINT, as Ctrl-C would: a test run
+    started in the background without job control inherits SIGINT ignored, and Python then
+    never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -23,7 +23,15 @@ import httpx
 import pytest
 from yarl import URL
 
-from tests.e2e.support import SERVICES, SUBSCRIBERS, System, free_port, poll, run_system
+from tests.e2e.support import (
+    SERVICES,
+    SUBSCRIBERS,
+    System,
+    ctrl_c_reaches_it,
+    free_port,
+    poll,
+    run_system,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -128,7 +136,8 @@ def test_queues_watch_json_prints_one_json_object_per_refresh(system: System) ->
     env = {**system.env, "AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.cli", "queues", "--watch", "--json", "--interval",
-         "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=ctrl_c_reaches_it)
     assert proc.stdout is not None
     out = b""
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import System, poll, run_system
+from tests.e2e.support import System, ctrl_c_reaches_it, poll, run_system
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,8 @@ def test_queues_watch_runs_in_a_terminal_and_ctrl_c_restores_it(system: System,
         [sys.executable, "-m", "common.cli", "queues", "--watch", "--interval", "0.3",
          "--svg", str(picture)],
         env={**system.env, "COLUMNS": "160", "LINES": "60", "TERM": "xterm-256color"},
-        stdin=child, stdout=child, stderr=child, close_fds=True)
+        stdin=child, stdout=child, stderr=child, close_fds=True,
+        preexec_fn=ctrl_c_reaches_it)
     os.close(child)
     screen = b""
     try:
