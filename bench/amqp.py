@@ -18,7 +18,7 @@ from common.events import (
     StockReserved,
     SubscriberAnnounced,
 )
-from common.topology import Topology
+from common.kit.topology import Topology
 
 #: The subscribers of OrderPlaced in the system, and the events the order service consumes.
 SUBSCRIBERS = ("inventory", "logistics", "seller")

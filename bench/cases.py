@@ -33,8 +33,8 @@ from bench.profile import recording
 from bench.system import SUBSCRIBERS, Effects, Placement, System
 from bench.worker import KIT_SERVICE
 from common.events import OrderPlaced
-from common.observe import sweep_prefix
-from common.topology import Topology
+from common.kit.topology import Topology
+from common.ops.observe import sweep_prefix
 
 Figures = dict[str, Any]
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,8 +27,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.db import create_tables, make_engine
-from common.outbox import kit_metadata
+from common.kit.db import create_tables, make_engine
+from common.kit.outbox import kit_metadata
 from order_service.store import (
     OrderStore,
     deliveries,

@@ -6,10 +6,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from common.broker import message_for
-from common.db import create_tables, make_engine
 from common.events import Address, OrderLine, OrderPlaced, new_id
-from common.outbox import kit_metadata
+from common.kit.broker import message_for
+from common.kit.db import create_tables, make_engine
+from common.kit.outbox import kit_metadata
 from inventory_service.store import StockStore
 from inventory_service.store import metadata as inventory_metadata
 from order_service.domain import NewOrder, place_order

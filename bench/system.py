@@ -32,9 +32,9 @@ from bench import amqp
 from bench.orders import LINES, ROWS_PER_ORDER, new_order, order_body, seed_stock
 from bench.procfs import broker_pid, cpu_seconds, rss_bytes
 from common.events import Event
-from common.logging import configure_logging
-from common.observe import sweep_prefix
-from common.runner import Runtime, ServiceRunner
+from common.kit.logging import configure_logging
+from common.kit.runner import Runtime, ServiceRunner
+from common.ops.observe import sweep_prefix
 from order_service.__main__ import SPEC as ORDER_SPEC
 from order_service.domain import place_order
 from order_service.settings import OrderSettings

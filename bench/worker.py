@@ -28,10 +28,10 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.events import Event, OrderPlaced
-from common.logging import configure_logging
-from common.runner import ServiceRunner, Subscription
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
+from common.kit.logging import configure_logging
+from common.kit.runner import ServiceRunner, Subscription
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
 
 #: The kit's no-op subscriber: its name makes its queue `<prefix>benchkit.order.placed`.
 KIT_SERVICE = "benchkit"

@@ -6,9 +6,9 @@ import asyncio
 import dataclasses
 
 from common.events import StockReservationFailed, StockReserved
-from common.logging import configure_logging
-from common.runner import run_service
-from common.service import ServiceSpec
+from common.kit.logging import configure_logging
+from common.kit.runner import run_service
+from common.kit.service import ServiceSpec
 from inventory_service.handlers import HANDLERS, SERVICE_NAME
 from inventory_service.settings import InventorySettings
 from inventory_service.store import StockStore, metadata, seed_catalogue

@@ -10,9 +10,9 @@ import typer
 from pydantic import TypeAdapter, ValidationError
 from rich.table import Table
 
-from common.cli_support import fail, plain_console, print_json
-from common.db import run_with_store
 from common.events import Sku
+from common.kit.db import run_with_store
+from common.ops.cli_support import fail, plain_console, print_json
 from inventory_service.settings import InventorySettings
 from inventory_service.store import StockBelowReservedError, StockLevel, StockStore, metadata
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.events import Event, OrderPlaced, StockReservationFailed, StockReserved
-from common.service import Handler
+from common.kit.service import Handler
 from inventory_service.domain import plan_reservation
 from inventory_service.settings import InventorySettings
 from inventory_service.store import StockStore

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.db import UTCDateTime
 from common.events import ReservedLine
+from common.kit.db import UTCDateTime
 
 metadata = sa.MetaData()
 

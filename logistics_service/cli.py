@@ -9,8 +9,8 @@ from typing import Annotated, TypeVar
 import typer
 from rich.table import Table
 
-from common.cli_support import fail, plain_console, print_json
-from common.db import run_with_store
+from common.kit.db import run_with_store
+from common.ops.cli_support import fail, plain_console, print_json
 from logistics_service.domain import Shipment
 from logistics_service.settings import LogisticsSettings
 from logistics_service.store import ShipmentStore, metadata

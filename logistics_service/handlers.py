@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC
 
 from common.events import Event, OrderPlaced, ShipmentScheduled
-from common.service import Handler
+from common.kit.service import Handler
 from logistics_service.domain import plan_shipment
 from logistics_service.settings import LogisticsSettings
 from logistics_service.store import ShipmentStore

@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import ServiceSettings
+from common.kit.settings import ServiceSettings
 
 
 class LogisticsSettings(ServiceSettings):

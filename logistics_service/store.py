@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.db import UTCDateTime
+from common.kit.db import UTCDateTime
 from logistics_service.domain import Shipment
 
 metadata = sa.MetaData()

@@ -8,9 +8,9 @@ import sys
 from pydantic import ValidationError
 
 from common.events import OrderPlaced
-from common.logging import configure_logging
-from common.runner import run_service
-from common.service import ServiceSpec
+from common.kit.logging import configure_logging
+from common.kit.runner import run_service
+from common.kit.service import ServiceSpec
 from order_service.api import serve_api
 from order_service.handlers import AUDIT_HANDLERS, HANDLERS
 from order_service.settings import OrderSettings, refusal

@@ -30,17 +30,17 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.events import Event, OrderPlaced
-from common.logging import get_logger
-from common.observe import (
+from common.kit.logging import get_logger
+from common.kit.settings import ServiceSettings
+from common.kit.telemetry import tracer
+from common.kit.topology import Topology
+from common.ops.observe import (
     Announced,
     SystemReport,
     compare,
     event_exchanges,
     read_broker,
 )
-from common.settings import ServiceSettings
-from common.telemetry import tracer
-from common.topology import Topology
 from order_service.access import PROBE, ApiToken, HostCheck, declare_api_token, operator_only
 from order_service.domain import (
     NewOrder,
@@ -65,7 +65,7 @@ T = TypeVar("T")
 
 
 class OrderRuntime(Protocol):
-    """What the API needs from the running service (`common.runner.Runtime` has it).
+    """What the API needs from the running service (`common.kit.runner.Runtime` has it).
 
     A protocol rather than the concrete class keeps the API testable without a broker.
     """

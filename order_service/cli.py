@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from common.cli_support import plain_console, print_json
+from common.ops.cli_support import plain_console, print_json
 from order_service.credentials import ApiCredentials
 from order_service.domain import NewOrder, OutcomeKind, outcome_detail
 

@@ -14,13 +14,13 @@ from common.events import (
     StockReserved,
     SubscriberAnnounced,
 )
-from common.service import Handler, RejectedError
-from common.telemetry import RECEIPT_LAG
+from common.kit.service import Handler, RejectedError
+from common.kit.telemetry import RECEIPT_LAG
 from order_service.domain import OrderState
 from order_service.store import OrderStore
 
 #: Who may tell the order service each outcome. Where every service has a broker user of
-#: its own, `producer` is the one the broker vouches for (`common.access`); anyone else's
+#: its own, `producer` is the one the broker vouches for (`common.ops.access`); anyone else's
 #: outcome is parked as a dead letter, not believed.
 PRODUCERS: dict[type[Event], str] = {
     StockReserved: "inventory",

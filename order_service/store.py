@@ -14,9 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.db import UTCDateTime
 from common.events import DeliveryReceipt, OrderPlaced, SubscriberAnnounced
-from common.outbox import outbox
+from common.kit.db import UTCDateTime
+from common.kit.outbox import outbox
 from order_service.domain import (
     FanOut,
     OrderState,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from common.events import SellerNotified
-from common.logging import configure_logging
-from common.runner import run_service
-from common.service import ServiceSpec
+from common.kit.logging import configure_logging
+from common.kit.runner import run_service
+from common.kit.service import ServiceSpec
 from seller_service.handlers import HANDLERS, SERVICE_NAME
 from seller_service.settings import SellerSettings
 from seller_service.store import InboxStore, metadata

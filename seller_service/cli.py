@@ -9,9 +9,9 @@ import typer
 from pydantic import TypeAdapter, ValidationError
 from rich.table import Table
 
-from common.cli_support import fail, plain_console, print_json
-from common.db import run_with_store
 from common.events import SellerId
+from common.kit.db import run_with_store
+from common.ops.cli_support import fail, plain_console, print_json
 from seller_service.settings import SellerSettings
 from seller_service.store import InboxStore, Notification, metadata
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.events import Event, OrderPlaced, SellerNotified
-from common.service import Handler
+from common.kit.service import Handler
 from seller_service.domain import group_by_seller
 from seller_service.settings import SellerSettings
 from seller_service.store import InboxStore

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.db import UTCDateTime
 from common.events import OrderLine
+from common.kit.db import UTCDateTime
 from seller_service.domain import SellerLines
 
 metadata = sa.MetaData()

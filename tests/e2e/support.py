@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from common.observe import sweep_prefix
+from common.ops.observe import sweep_prefix
 
 SUBSCRIBERS = {"inventory", "logistics", "seller"}
 SERVICES = ("order", *sorted(SUBSCRIBERS))
@@ -46,7 +46,7 @@ class System:
 
     def shop(self, *args: str, stdin: str | None = None, timeout: float = 60
              ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "common.cli", *args], env=self.env,
+        return subprocess.run([sys.executable, "-m", "common.ops.cli", *args], env=self.env,
                               input=stdin, capture_output=True, text=True, timeout=timeout,
                               check=False)
 
@@ -111,7 +111,7 @@ def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2
             environment[key] = value
     log = tmp / "shop-up.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=environment,
+        proc = subprocess.Popen([sys.executable, "-m", "common.ops.cli", "up"], env=environment,
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
     system = System(environment, proc, log)
 

@@ -135,7 +135,7 @@ def test_queues_watch_json_prints_one_json_object_per_refresh(system: System) ->
     object, the waits are on stderr."""
     env = {**system.env, "AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "queues", "--watch", "--json", "--interval",
+        [sys.executable, "-m", "common.ops.cli", "queues", "--watch", "--json", "--interval",
          "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         preexec_fn=ctrl_c_reaches_it)
     assert proc.stdout is not None
@@ -164,7 +164,7 @@ def test_doctor_json_stays_json_while_it_waits_for_a_broker_that_is_not_there(
     """With the broker away, `shop doctor --json` logs its wait for it on stderr and still
     prints only its JSON verdict on stdout."""
     env = {**system.env, "AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
-    result = subprocess.run([sys.executable, "-m", "common.cli", "doctor", "--json"], env=env,
+    result = subprocess.run([sys.executable, "-m", "common.ops.cli", "doctor", "--json"], env=env,
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
     verdict = parsed(result, "doctor --json")
@@ -215,7 +215,7 @@ def test_broker_setup_json_prints_only_json(system: System, amqp_url: str,
                                                   .with_password(password)),
                    **{f"{name.upper()}_BROKER_PASSWORD": uuid.uuid4().hex for name in SERVICES}}
             for _ in range(2):
-                result = subprocess.run([sys.executable, "-m", "common.cli", "broker", "setup",
+                result = subprocess.run([sys.executable, "-m", "common.ops.cli", "broker", "setup",
                                          "--json"], env=env, capture_output=True, text=True,
                                         timeout=60, check=False)
                 assert result.returncode == 0, result.stderr[-2000:]

@@ -15,7 +15,7 @@ import aio_pika
 import httpx
 import pytest
 
-from common.observe import sweep_prefix
+from common.ops.observe import sweep_prefix
 from tests.e2e.support import SUBSCRIBERS, System, poll, run_system
 
 pytestmark = pytest.mark.e2e

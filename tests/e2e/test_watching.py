@@ -59,7 +59,7 @@ def test_queues_watch_runs_in_a_terminal_and_ctrl_c_restores_it(system: System,
     picture = tmp_path / "watch.svg"
     parent, child = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "queues", "--watch", "--interval", "0.3",
+        [sys.executable, "-m", "common.ops.cli", "queues", "--watch", "--interval", "0.3",
          "--svg", str(picture)],
         env={**system.env, "COLUMNS": "160", "LINES": "60", "TERM": "xterm-256color"},
         stdin=child, stdout=child, stderr=child, close_fds=True,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench.node import NodeError
-from common.observe import sweep_prefix
+from common.ops.observe import sweep_prefix
 from tests.faults.support import (
     STOP_TIMEOUT,
     Ledger,

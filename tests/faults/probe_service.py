@@ -36,13 +36,13 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.db import UTCDateTime
 from common.events import Event, OrderPlaced
-from common.logging import configure_logging, get_logger
-from common.outbox import utcnow
-from common.runner import ServiceRunner, Subscription
-from common.service import Handler, ServiceSpec
-from common.settings import ServiceSettings
+from common.kit.db import UTCDateTime
+from common.kit.logging import configure_logging, get_logger
+from common.kit.outbox import utcnow
+from common.kit.runner import ServiceRunner, Subscription
+from common.kit.service import Handler, ServiceSpec
+from common.kit.settings import ServiceSettings
 
 log = get_logger(__name__)
 

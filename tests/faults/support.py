@@ -33,8 +33,8 @@ import aio_pika
 import httpx
 
 from bench.node import NodeAddress, NodeError, destroy_node, rabbitmqctl, start_node
-from common.db import create_tables, make_engine
-from common.outbox import kit_metadata
+from common.kit.db import create_tables, make_engine
+from common.kit.outbox import kit_metadata
 from inventory_service.store import StockStore
 from inventory_service.store import metadata as inventory_metadata
 from order_service.cli import PLACE_ATTEMPTS
@@ -516,7 +516,7 @@ class Shop:
     async def shop_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`shop ARGS` as a user runs it, with the system's environment."""
         return await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "common.cli", *args], cwd=ROOT,
+            subprocess.run, [sys.executable, "-m", "common.ops.cli", *args], cwd=ROOT,
             env={**self.env, "COLUMNS": "250"}, capture_output=True, text=True, timeout=120,
             check=False)
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from common.topology import Topology
+from common.kit.topology import Topology
 from order_service.__main__ import SPEC as ORDER_SPEC
 from tests.faults.support import (
     DEFAULT_WATERMARK,

@@ -15,10 +15,10 @@ from typing import cast
 
 import pytest
 
-from common.broker import Publisher
-from common.commit import GroupCommit
-from common.db import create_tables, make_engine
-from common.outbox import Relay, kit_metadata
+from common.kit.broker import Publisher
+from common.kit.commit import GroupCommit
+from common.kit.db import create_tables, make_engine
+from common.kit.outbox import Relay, kit_metadata
 
 pytestmark = pytest.mark.faults
 

@@ -18,8 +18,8 @@ import uuid
 import aio_pika
 import pytest
 
-from common.broker import message_for
 from common.events import OrderPlaced
+from common.kit.broker import message_for
 from tests.faults.probe_service import FAIL_ALWAYS, KILL_AFTER_COMMIT, KILL_BEFORE_COMMIT
 from tests.faults.support import SYSTEM, Node, Report, Shop, wait_for, wait_until
 

@@ -9,10 +9,10 @@ from typing import Any
 import aio_pika
 import pytest
 
-from common.db import create_tables, make_engine
-from common.runner import Runtime, ServiceRunner
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
+from common.kit.db import create_tables, make_engine
+from common.kit.runner import Runtime, ServiceRunner
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
 from order_service.settings import OrderSettings
 from order_service.store import metadata
 from tests.integration.support import (

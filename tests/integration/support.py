@@ -15,10 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp
 
 from common.events import EVENT_TYPES, DeliveryReceipt, Event, receipts_of
-from common.observe import sweep_prefix
-from common.runner import Runtime
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.runner import Runtime
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
+from common.ops.observe import sweep_prefix
 from order_service.api import Work
 
 T = TypeVar("T")

@@ -14,8 +14,6 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncConnection
 from yarl import URL
 
-from common.access import apply, declare_shared, grant_for, remove
-from common.broker import ORIGINAL_USER, Publisher, message_for
 from common.events import (
     DeliveryReceipt,
     Event,
@@ -24,10 +22,12 @@ from common.events import (
     StockReserved,
     SubscriberAnnounced,
 )
-from common.runner import Runtime
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.broker import ORIGINAL_USER, Publisher, message_for
+from common.kit.runner import Runtime
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
+from common.ops.access import apply, declare_shared, grant_for, remove
 from inventory_service.__main__ import SPEC as INVENTORY
 from inventory_service.settings import InventorySettings
 from logistics_service.__main__ import SPEC as LOGISTICS

@@ -13,11 +13,11 @@ from typing import Any
 import aio_pika
 import pytest
 
-from common.broker import Publisher
 from common.events import DeliveryReceipt, Event, OrderPlaced
-from common.runner import Runtime, ServiceRunner
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.broker import Publisher
+from common.kit.runner import Runtime, ServiceRunner
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
 from tests.integration.support import (
     StartService,
     delete_topology,

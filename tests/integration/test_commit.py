@@ -15,8 +15,8 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.commit import GroupCommit
-from common.db import create_tables, make_engine
+from common.kit.commit import GroupCommit
+from common.kit.db import create_tables, make_engine
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""What `common.broker.connect` logs about its connection: nothing for a close asked for, one
+"""What `common.kit.broker.connect` logs about its connection: nothing for a close asked for, one
 line when the broker drops it and one when it is back."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from structlog.testing import capture_logs
 from yarl import URL
 
-from common.broker import connect
-from common.observe import ManagementApi
-from common.settings import ServiceSettings
+from common.kit.broker import connect
+from common.kit.settings import ServiceSettings
+from common.ops.observe import ManagementApi
 from tests.integration.support import wait_for
 
 pytestmark = pytest.mark.integration

@@ -17,14 +17,14 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from typer.testing import CliRunner, Result
 
-from common import dlq, dlq_cli
-from common.broker import message_for
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
-from common.observe import sweep_prefix
-from common.runner import Runtime
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.broker import message_for
+from common.kit.runner import Runtime
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
+from common.ops import dlq, dlq_cli
+from common.ops.observe import sweep_prefix
 from tests.factories import make_order
 from tests.integration.support import StartService, receipts_in, wait_for
 from tests.integration.test_kit import ProbeStore, effects, probe_metadata

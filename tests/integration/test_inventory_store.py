@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.db import create_tables, make_engine
 from common.events import ReservedLine, StockReservationFailed, StockReserved
+from common.kit.db import create_tables, make_engine
 from inventory_service.handlers import reserve_stock
 from inventory_service.store import (
     DEMO_CATALOGUE,

@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.broker import Publisher, UnroutableError, message_for
 from common.events import (
     DeliveryReceipt,
     Event,
@@ -22,10 +21,11 @@ from common.events import (
     ReservedLine,
     StockReserved,
 )
-from common.runner import Runtime, ServiceRunner
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
-from common.topology import Topology, TopologyError
+from common.kit.broker import Publisher, UnroutableError, message_for
+from common.kit.runner import Runtime, ServiceRunner
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology, TopologyError
 from tests.factories import make_order
 from tests.integration.support import (
     StartService,

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.db import create_tables, make_engine
+from common.kit.db import create_tables, make_engine
 from logistics_service.domain import plan_shipment
 from logistics_service.store import ShipmentStore, metadata
 

@@ -25,11 +25,11 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncConnection
 from typer.testing import CliRunner, Result
 
-from common import cli, observe
 from common.events import Event, OrderPlaced
-from common.runner import Runtime, ServiceRunner
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
+from common.kit.runner import Runtime, ServiceRunner
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
+from common.ops import cli, observe
 from inventory_service.__main__ import SPEC as INVENTORY
 from inventory_service.settings import InventorySettings
 from logistics_service.__main__ import SPEC as LOGISTICS
@@ -376,7 +376,7 @@ async def test_shop_queues_reports_rates_once_and_live(
 def _watch_two_frames(env: dict[str, str]) -> list[dict[str, Any]]:
     """`shop queues --watch --json` as a process: two lines read, then Ctrl-C (SIGINT)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "queues", "--watch", "--json", "--interval",
+        [sys.executable, "-m", "common.ops.cli", "queues", "--watch", "--json", "--interval",
          "0.3"], env={**os.environ, **env}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:

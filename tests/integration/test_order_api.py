@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from common.db import create_tables, make_engine
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
+from common.kit.db import create_tables, make_engine
 from order_service.api import (
     PAGE_MAX,
     OrderRuntime,

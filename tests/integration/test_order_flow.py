@@ -11,8 +11,8 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, s
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.events import Event, OrderPlaced
-from common.runner import Runtime
-from common.service import ServiceSpec
+from common.kit.runner import Runtime
+from common.kit.service import ServiceSpec
 from inventory_service.__main__ import SPEC as INVENTORY
 from inventory_service.settings import InventorySettings
 from inventory_service.store import StockStore

@@ -17,7 +17,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from common import events, observe
+from common import events
+from common.ops import observe
 from order_service import api, domain
 from order_service.api import create_app, json_safe
 from order_service.settings import OrderSettings

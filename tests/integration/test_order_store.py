@@ -12,7 +12,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.db import UTCDateTime, create_tables, make_engine
 from common.events import (
     DeliveryReceipt,
     DeliveryReceipts,
@@ -26,8 +25,9 @@ from common.events import (
     SubscriberAnnounced,
     UnreservableLine,
 )
-from common.outbox import kit_metadata, outbox
-from common.service import RejectedError
+from common.kit.db import UTCDateTime, create_tables, make_engine
+from common.kit.outbox import kit_metadata, outbox
+from common.kit.service import RejectedError
 from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
 from order_service.handlers import AUDIT_HANDLERS, HANDLERS, PRODUCERS
 from order_service.store import (

@@ -15,10 +15,10 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import model_validator
 
 from common.events import OrderPlaced
-from common.runner import ServiceRunner, Subscription
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.runner import ServiceRunner, Subscription
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
 from tests.integration.support import StartService, delete_topology, settings_for, wait_for
 from tests.integration.test_batches import audit_messages
 from tests.integration.test_kit import PROBE, ProbeStore, an_order, effect_count, record_order

@@ -14,8 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.events import DeliveryReceipt, DeliveryReceipts, Event, ReservedLine, StockReserved
-from common.outbox import outbox
-from common.runner import Runtime
+from common.kit.outbox import outbox
+from common.kit.runner import Runtime
 from tests.factories import make_order
 from tests.integration.support import StartService, receipts_in, wait_for
 from tests.integration.test_kit import PROBE, effect_count

@@ -14,7 +14,6 @@ import aio_pika
 import pytest
 import sqlalchemy as sa
 
-from common.broker import Publisher
 from common.events import (
     DeliveryReceipt,
     Event,
@@ -22,9 +21,10 @@ from common.events import (
     StockReservationFailed,
     StockReserved,
 )
-from common.outbox import inbox
-from common.service import ServiceSpec
-from common.topology import Topology
+from common.kit.broker import Publisher
+from common.kit.outbox import inbox
+from common.kit.service import ServiceSpec
+from common.kit.topology import Topology
 from inventory_service.__main__ import SPEC
 from inventory_service.handlers import reserve_stock
 from inventory_service.settings import InventorySettings

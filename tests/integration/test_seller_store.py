@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.db import create_tables, make_engine
 from common.events import OrderLine
+from common.kit.db import create_tables, make_engine
 from seller_service.domain import SellerLines
 from seller_service.handlers import notify_sellers
 from seller_service.store import InboxStore, metadata

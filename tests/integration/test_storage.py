@@ -15,9 +15,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.broker import Publisher, UnroutableError
-from common.commit import GroupCommit
-from common.db import UTCDateTime, create_tables, make_engine
 from common.events import (
     EVENT_TYPES,
     DeliveryReceipt,
@@ -26,7 +23,10 @@ from common.events import (
     ReservedLine,
     StockReserved,
 )
-from common.outbox import (
+from common.kit.broker import Publisher, UnroutableError
+from common.kit.commit import GroupCommit
+from common.kit.db import UTCDateTime, create_tables, make_engine
+from common.kit.outbox import (
     KIT_LATER_INDEXES,
     Relay,
     add_to_outbox,

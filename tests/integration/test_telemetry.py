@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from common.events import OrderPlaced
-from common.settings import ServiceSettings
-from common.telemetry import start_metrics_server
+from common.kit.settings import ServiceSettings
+from common.kit.telemetry import start_metrics_server
 from tests.integration.support import StartService, free_port, wait_for
 from tests.integration.test_order_flow import (
     _with_outcomes,

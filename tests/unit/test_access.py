@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from common.access import Grant, grant_for
-from common.topology import Topology
+from common.kit.topology import Topology
+from common.ops.access import Grant, grant_for
 from inventory_service.__main__ import SPEC as INVENTORY
 from order_service.__main__ import SPEC as ORDER
 from seller_service.__main__ import SPEC as SELLER

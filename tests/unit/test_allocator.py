@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from common.allocator import ENV, return_freed_memory
+from common.kit.allocator import ENV, return_freed_memory
 
 pytestmark = [
     pytest.mark.unit,
@@ -20,7 +20,7 @@ pytestmark = [
 # anonymous memory (MiB) before and after.
 SCRIPT = """
 import sys
-from common.allocator import return_freed_memory
+from common.kit.allocator import return_freed_memory
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon"):
@@ -40,7 +40,7 @@ print(before, rss())
 # between blocks in use; trimmed every 10 ms (or not at all), until 20 MB went back or 5 s.
 FRAGMENTED = """
 import asyncio, sys, time
-from common.allocator import return_freed_memory, trim_forever
+from common.kit.allocator import return_freed_memory, trim_forever
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon"):

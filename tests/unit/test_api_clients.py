@@ -12,7 +12,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
-from common.doctor import read_api
+from common.ops.doctor import read_api
 from order_service import cli
 
 pytestmark = pytest.mark.unit

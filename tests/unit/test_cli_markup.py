@@ -15,8 +15,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
-from common import cli, dlq, observe, queues_cli
-from common.doctor import Check, Diagnosis, print_checklist
+from common.ops import cli, dlq, observe, queues_cli
+from common.ops.doctor import Check, Diagnosis, print_checklist
 from inventory_service import cli as inventory_cli
 from inventory_service.store import StockLevel
 from logistics_service import cli as logistics_cli

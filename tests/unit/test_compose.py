@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices, AliasPath
 
-from common.settings import ServiceSettings
+from common.kit.settings import ServiceSettings
 from order_service.settings import OrderSettings
 
 pytestmark = pytest.mark.unit

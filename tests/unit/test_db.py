@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 
-from common.db import PG_POOL_SIZE, is_sqlite, make_engine
+from common.kit.db import PG_POOL_SIZE, is_sqlite, make_engine
 
 pytestmark = pytest.mark.unit
 

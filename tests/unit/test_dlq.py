@@ -12,8 +12,8 @@ import aio_pika
 import pytest
 from typer.testing import CliRunner, Result
 
-from common import dlq, dlq_cli
-from common.settings import ServiceSettings
+from common.kit.settings import ServiceSettings
+from common.ops import dlq, dlq_cli
 
 pytestmark = pytest.mark.unit
 
@@ -162,7 +162,7 @@ def test_ages_read_like_people_say_them(seconds: int, shown: str) -> None:
 # --- the commands, with the operations replaced by fakes ----------------------------------
 
 class FakeOperations:
-    """Stands in for common.dlq's broker operations and remembers what was asked."""
+    """Stands in for common.ops.dlq's broker operations and remembers what was asked."""
 
     def __init__(self, letters: list[dlq.DeadLetter]) -> None:
         self.letters = letters

@@ -19,7 +19,7 @@ from common.events import (
     ReservedLine,
     StockReserved,
 )
-from common.runner import PoisonMessageError, decode
+from common.kit.runner import PoisonMessageError, decode
 
 pytestmark = pytest.mark.unit
 

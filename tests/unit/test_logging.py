@@ -9,9 +9,9 @@ import logging
 import pytest
 import structlog
 
-from common import logging as shop_logging
-from common.logging import configure_logging, default_logging, delivery_context, get_logger
-from common.settings import ServiceSettings
+from common.kit import logging as shop_logging
+from common.kit.logging import configure_logging, default_logging, delivery_context, get_logger
+from common.kit.settings import ServiceSettings
 
 pytestmark = pytest.mark.unit
 
@@ -56,7 +56,7 @@ def _logged(level: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
         logging.getLogger("aio_pika.robust_connection").warning(
             "Connection attempt to \"amqp://x\" failed: refused. Reconnecting after 5 seconds.")
         logging.getLogger("aiormq.channel").warning("Channel closed with an unknown frame")
-        get_logger("common.broker").warning("broker connection lost; reconnecting")
+        get_logger("common.kit.broker").warning("broker connection lost; reconnecting")
         return [json.loads(line)["event"]
                 for line in capsys.readouterr().err.splitlines() if line]
     finally:
@@ -83,7 +83,7 @@ def test_a_logger_used_before_logging_is_configured_writes_to_stderr(
     """Before `configure_logging` runs, or in a process that never runs it (a library
     user, a command that logs before its set-up), structlog's lines go to stderr: stdout is
     a command's result."""
-    structlog.reset_defaults()  # as in a new process, before common.logging is imported
+    structlog.reset_defaults()  # as in a new process, before common.kit.logging is imported
     importlib.reload(shop_logging)
     structlog.get_logger("test").warning("before configuration")
     captured = capsys.readouterr()

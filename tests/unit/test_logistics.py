@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.db import create_tables, make_engine
 from common.events import OrderPlaced, ShipmentScheduled
+from common.kit.db import create_tables, make_engine
 from logistics_service.cli import app
 from logistics_service.domain import (
     Shipment,

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from rich.console import Console
 
-from common import observe
-from common.doctor import Check, Diagnosis, print_checklist
-from common.observe import Announced, BrokerSnapshot, QueueStats, compare
+from common.ops import observe
+from common.ops.doctor import Check, Diagnosis, print_checklist
+from common.ops.observe import Announced, BrokerSnapshot, QueueStats, compare
 
 pytestmark = pytest.mark.unit
 

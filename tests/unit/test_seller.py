@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.db import create_tables, make_engine
 from common.events import OrderLine, OrderPlaced, SellerNotified
+from common.kit.db import create_tables, make_engine
 from seller_service.cli import app
 from seller_service.domain import SellerLines, group_by_seller
 from seller_service.handlers import HANDLERS, notify_sellers

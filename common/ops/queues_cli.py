@@ -21,10 +21,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from common import observe
-from common.broker import connect
-from common.cli_support import plain_console
-from common.settings import ServiceSettings
+from common.kit.broker import connect
+from common.kit.settings import ServiceSettings
+from common.ops import observe
+from common.ops.cli_support import plain_console
 
 #: Samples of a queue's ready count kept to tell a growing backlog.
 GROWTH_SAMPLES = 3

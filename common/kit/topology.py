@@ -74,7 +74,7 @@ class Topology:
 
         One per queue, named after it, rather than the default exchange or one shared by
         all: whoever may write to it can put messages into that queue and its dead-letter
-        queue, so only the queue's own service gets that right (`common.access`).
+        queue, so only the queue's own service gets that right (`common.ops.access`).
         """
         return f"{queue}.dlx"
 

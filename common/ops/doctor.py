@@ -21,11 +21,11 @@ from aio_pika.abc import AbstractRobustConnection
 from rich.console import Console
 from rich.text import Text
 
-from common import observe
-from common.broker import connect, safe_url
-from common.cli_support import plain_console
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.broker import connect, safe_url
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
+from common.ops import observe
+from common.ops.cli_support import plain_console
 from order_service.credentials import API_TOKEN_VAR, ApiCredentials
 
 Status = Literal["ok", "failed", "unknown"]

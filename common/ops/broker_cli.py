@@ -11,12 +11,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from common.access import SetupError, apply, declare_shared, grant_for
-from common.broker import safe_url
-from common.cli_support import fail, print_json
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.broker import safe_url
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
+from common.ops.access import SetupError, apply, declare_shared, grant_for
+from common.ops.cli_support import fail, print_json
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -47,7 +47,7 @@ def setup(
     changing a password. The administrator is tagged `impersonator`, so that `shop dlq
     replay` sends a dead letter back as its producer sent it.
     """
-    from common.cli import SERVICES  # the list the CLI runs; importing it at the top would loop
+    from common.ops.cli import SERVICES  # the list the CLI runs; importing it at the top would loop
 
     admin = ServiceSettings()
     topology = Topology(admin.name_prefix)

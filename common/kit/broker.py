@@ -25,9 +25,9 @@ from aio_pika.exceptions import AMQPConnectionError
 from yarl import URL
 
 from common.events import EVENT_TYPES, Event
-from common.logging import get_logger
-from common.telemetry import CONFIRM_SECONDS, PUBLISH_FAILURES, publish_span
-from common.topology import Topology
+from common.kit.logging import get_logger
+from common.kit.telemetry import CONFIRM_SECONDS, PUBLISH_FAILURES, publish_span
+from common.kit.topology import Topology
 
 log = get_logger(__name__)
 
@@ -93,7 +93,7 @@ async def connect(url: str, connection_name: str, *, wait: float | None = None
 
 def _log_outages(connection: AbstractRobustConnection, where: str) -> None:
     """One warning when the connection drops, one line when it is back: in place of the
-    client's own reconnect logs (`common.logging.ReconnectNoise`)."""
+    client's own reconnect logs (`common.kit.logging.ReconnectNoise`)."""
     lost_at: float | None = None
 
     def lost(_sender: Any, exc: BaseException | None = None) -> None:
@@ -135,7 +135,7 @@ def sender_of(message: AbstractMessage, own_user: str) -> str | None:
 
     A copy we made ourselves (a retry coming back, a replay of our dead letter) names its
     original sender in `ORIGINAL_USER`; only our own user can publish into our queues'
-    dead-letter exchanges (`common.access`), so only then is that header believed.
+    dead-letter exchanges (`common.ops.access`), so only then is that header believed.
     """
     if message.user_id == own_user:
         original = (message.headers or {}).get(ORIGINAL_USER)
@@ -182,7 +182,7 @@ def message_for(event: Event | Envelope, body: bytes | None = None,
     """The AMQP message for an event: the envelope repeated in the properties.
 
     `user_id` is the publishing connection's user: the broker refuses a message that claims
-    another, so a consumer knows who really sent it (`common.access`).
+    another, so a consumer knows who really sent it (`common.ops.access`).
     """
     if body is None:
         if not isinstance(event, Event):

@@ -47,7 +47,7 @@ class ServiceSpec(Generic[StoreT]):
     metadata: MetaData
     #: The events its handlers (and extras, such as an API) produce; receipts and
     #: announcements are the kit's. The kit refuses to store any other, and its broker user
-    #: may publish these and no more (`common.access`).
+    #: may publish these and no more (`common.ops.access`).
     produces: tuple[type[Event], ...] = ()
     #: Runs once after the tables exist (seed data, for example).
     on_start: Callable[[AsyncEngine], Awaitable[None]] | None = None

@@ -27,10 +27,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.allocator import return_freed_memory, trim_forever
-from common.broker import ORIGINAL_USER, Publisher, connect, instance_name, sender_of
-from common.commit import GroupCommit
-from common.db import create_tables, is_sqlite, make_engine
 from common.events import (
     KIT_EVENTS,
     DeliveryReceipt,
@@ -39,8 +35,12 @@ from common.events import (
     SubscriberAnnounced,
     receipts_of,
 )
-from common.logging import delivery_context, get_logger
-from common.outbox import (
+from common.kit.allocator import return_freed_memory, trim_forever
+from common.kit.broker import ORIGINAL_USER, Publisher, connect, instance_name, sender_of
+from common.kit.commit import GroupCommit
+from common.kit.db import create_tables, is_sqlite, make_engine
+from common.kit.logging import delivery_context, get_logger
+from common.kit.outbox import (
     KIT_LATER_INDEXES,
     RECEIPTS_PER_MESSAGE,
     Relay,
@@ -49,9 +49,9 @@ from common.outbox import (
     kit_metadata,
     utcnow,
 )
-from common.service import Handler, RejectedError, ServiceSpec, StoreT
-from common.settings import ServiceSettings
-from common.telemetry import (
+from common.kit.service import Handler, RejectedError, ServiceSpec, StoreT
+from common.kit.settings import ServiceSettings
+from common.kit.telemetry import (
     DELIVERIES,
     HANDLER_SECONDS,
     configure_tracing,
@@ -61,7 +61,7 @@ from common.telemetry import (
     trace_headers_of,
     tracing_active,
 )
-from common.topology import Topology, TopologyError
+from common.kit.topology import Topology, TopologyError
 
 log = get_logger(__name__)
 
@@ -160,7 +160,7 @@ class Runtime(Generic[StoreT]):
         # SQLite has one writer at a time: serialise our own writers instead of letting them
         # fail with "database is locked"; PostgreSQL needs no such lock.
         self.write_lock = asyncio.Lock() if is_sqlite(engine) else _NullLock()
-        #: Transactions queued behind that lock share a commit (see common.commit).
+        #: Transactions queued behind that lock share a commit (see common.kit.commit).
         self.commits = GroupCommit(engine, self.write_lock, service=spec.name)
 
     async def execute(self, work: Work, traces: Mapping[uuid.UUID, str] | None = None
@@ -483,7 +483,7 @@ class ServiceRunner(Generic[StoreT]):
         return event, handler
 
     def _authenticate(self, event: Event, message: AbstractIncomingMessage) -> Event:
-        """`event` with the producer the broker validated (`common.access`), or RejectedError.
+        """`event` with the producer the broker validated (`common.ops.access`), or RejectedError.
 
         The body's `producer` is a claim the sender fills in; the message's `user_id` is
         checked by the broker against the connection that published it. A receipt or an

@@ -24,12 +24,12 @@ from typing import Any
 
 import httpx
 
-from common.broker import connect
 from common.events import SubscriberAnnounced
-from common.observe import ManagementApi
-from common.service import ServiceSpec
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.broker import connect
+from common.kit.service import ServiceSpec
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
+from common.ops.observe import ManagementApi
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from common import dlq
-from common.cli_support import fail, plain_console, print_json
-from common.settings import ServiceSettings
+from common.kit.settings import ServiceSettings
+from common.ops import dlq
+from common.ops.cli_support import fail, plain_console, print_json
 
 T = TypeVar("T")
 

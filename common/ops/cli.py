@@ -15,14 +15,14 @@ import typer
 from pydantic import ValidationError
 from rich.text import Text
 
-from common.broker import connect, safe_url
-from common.broker_cli import app as broker_app
-from common.cli_support import plain_console
-from common.dlq_cli import app as dlq_app
-from common.doctor import doctor
-from common.logging import configure_logging
-from common.queues_cli import queues
-from common.settings import ServiceSettings
+from common.kit.broker import connect, safe_url
+from common.kit.logging import configure_logging
+from common.kit.settings import ServiceSettings
+from common.ops.broker_cli import app as broker_app
+from common.ops.cli_support import plain_console
+from common.ops.dlq_cli import app as dlq_app
+from common.ops.doctor import doctor
+from common.ops.queues_cli import queues
 from inventory_service.cli import app as inventory_app
 from logistics_service.cli import app as logistics_app
 from order_service.cli import app as order_app

@@ -29,10 +29,10 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
-from common.broker import connect, safe_url
 from common.events import EVENT_TYPES, SubscriberAnnounced
-from common.settings import ServiceSettings
-from common.topology import Topology
+from common.kit.broker import connect, safe_url
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
 
 Source = Literal["management API", "amqp"]
 MANAGEMENT: Source = "management API"

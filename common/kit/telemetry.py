@@ -12,7 +12,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import Counter, Gauge, Histogram
 
-from common.logging import get_logger
+from common.kit.logging import get_logger
 
 log = get_logger(__name__)
 

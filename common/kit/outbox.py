@@ -32,9 +32,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.broker import Publisher
-from common.commit import GroupCommit
-from common.db import UTCDateTime
 from common.events import (
     EVENT_TYPES,
     DeliveryReceipt,
@@ -42,8 +39,11 @@ from common.events import (
     Event,
     receipts_of,
 )
-from common.logging import get_logger
-from common.telemetry import OUTBOX_AGE, OUTBOX_BACKLOG, current_trace_headers
+from common.kit.broker import Publisher
+from common.kit.commit import GroupCommit
+from common.kit.db import UTCDateTime
+from common.kit.logging import get_logger
+from common.kit.telemetry import OUTBOX_AGE, OUTBOX_BACKLOG, current_trace_headers
 
 log = get_logger(__name__)
 

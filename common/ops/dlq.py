@@ -1,6 +1,6 @@
 """Dead-letter operations: find a service's dead-letter queues, browse, replay and purge them.
 
-Async functions that return data and print nothing; `common/dlq_cli.py` is the terminal side.
+Async functions that return data and print nothing; `common/ops/dlq_cli.py` is the terminal side.
 
 Browsing never loses or reorders a message: the dead-letter queues are classic queues, read
 with basic.get *without* ack on one channel, and closing that channel returns every unacked
@@ -32,17 +32,17 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelNotFoundEntity
 from yarl import URL
 
-from common.broker import Publisher, connect, sender_of
 from common.events import DeliveryReceipt
-from common.observe import (
+from common.kit.broker import Publisher, connect, sender_of
+from common.kit.settings import ServiceSettings
+from common.kit.topology import Topology
+from common.ops.observe import (
     BUILTIN_SERVICES,
     ManagementApi,
     builtin_queues,
     dead_letter_queue,
     management_queue_names,
 )
-from common.settings import ServiceSettings
-from common.topology import Topology
 
 #: Who the replay receipts say produced them.
 PRODUCER = "shop-dlq"

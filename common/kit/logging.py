@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from common.settings import ServiceSettings
+from common.kit.settings import ServiceSettings
 
 
 def _print_to_stderr(*_args: Any) -> structlog.PrintLogger:
@@ -88,7 +88,7 @@ def configure_logging(settings: ServiceSettings, *, name: str | None = None) -> 
 
 #: What aiormq and aio-pika log while a robust connection is down and coming back: a
 #: traceback for the closed socket, errors from the callbacks of the channels it closed, a
-#: warning per reconnect attempt. `common.broker.connect` says instead, once, that the
+#: warning per reconnect attempt. `common.kit.broker.connect` says instead, once, that the
 #: connection was lost and when it is back.
 _RECONNECT_NOISE = (
     "Unexpected connection close from remote",

@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar
 from prometheus_client import Histogram
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.db import is_sqlite
+from common.kit.db import is_sqlite
 
 T = TypeVar("T")
 

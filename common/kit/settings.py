@@ -108,7 +108,7 @@ class ServiceSettings(BaseSettings):
     @property
     def broker_user(self) -> str:
         """The broker user of this service in a deployment with a user per service: its name
-        under the deployment's prefix (`common.access` grants it its permissions)."""
+        under the deployment's prefix (`common.ops.access` grants it its permissions)."""
         return f"{self.name_prefix}{self.service_name}"
 
     @property
