@@ -1,20 +1,21 @@
-"""`shop events`: every event with its exchange, schema version, producers and subscribers,
-and its AsyncAPI document."""
+"""`shop events`: every event with its exchange, schema version, producers and subscribers;
+its AsyncAPI document; and the wire-schema snapshots that keep its evolution additive."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from common import contracts
+from common import contracts, evolution
 from common.kit import discovery
 from common.kit.declare import Service
 from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
-from common.ops.cli_support import plain_console, print_json
+from common.ops.cli_support import fail, plain_console, print_json
 
 app = typer.Typer()
 err = plain_console(stderr=True)
@@ -69,3 +70,25 @@ def asyncapi() -> None:
     settings = ServiceSettings()
     print_json(contracts.asyncapi(_services(), Topology(settings.name_prefix),
                                   broker_url=settings.amqp_url))
+
+
+@app.command()
+def snapshot(
+    directory: Annotated[Path, typer.Option(
+        "--dir", help="Where the snapshots are kept.")] = evolution.SNAPSHOTS,
+) -> None:
+    """Write each event's wire schema, for the test that keeps evolution additive.
+
+    A developer's command, run from the repository's root: it writes
+    <dir>/<EventType>.v<schema_version>.json. A new event or version gets a new file; an
+    additive change (a new optional field) updates its version's file; a breaking change is
+    refused, naming the field: bump the event's schema_version instead. Exits 1 when one
+    was refused.
+    """
+    report = evolution.write_snapshots(directory, contracts.all_events(_services()))
+    for path in report.written:
+        typer.echo(f"wrote {path}")
+    if report.refused:
+        raise fail("breaking changes, not written (bump the event's schema_version to make "
+                   "one):\n  " + "\n  ".join(report.refused))
+    err.print(f"{len(report.unchanged)} snapshot(s) unchanged")
