@@ -153,6 +153,7 @@ def asyncapi(services: Iterable[Service[Any]], topology: Topology, *,
     channels: dict[str, dict[str, Any]] = {}
     operations: dict[str, dict[str, Any]] = {}
     users = {s.name: f"{topology.prefix}{s.name}" for s in services}
+    payloads, schemas = _schemas(c.event for c in contracts)
     for c in contracts:
         exchange = _channel(channels, c.exchange, _exchange_channel(c, vhost))
         exchange["messages"][c.name] = _ref("components", "messages", c.name)
@@ -171,8 +172,8 @@ def asyncapi(services: Iterable[Service[Any]], topology: Topology, *,
         "defaultContentType": CONTENT_TYPE,
         "channels": channels,
         "operations": operations,
-        "components": {"schemas": _schemas(c.event for c in contracts),
-                       "messages": {c.name: _message(c) for c in contracts}},
+        "components": {"schemas": schemas,
+                       "messages": {c.name: _message(c, payloads[c.event]) for c in contracts}},
     }
     if broker_url is not None:
         document["servers"] = {"rabbitmq": _server(broker_url)}
@@ -274,14 +275,14 @@ def _receive(sub: Subscriber) -> dict[str, Any]:
             "x-consumer": sub.service}
 
 
-def _message(c: EventContract) -> dict[str, Any]:
+def _message(c: EventContract, payload: dict[str, Any]) -> dict[str, Any]:
     doc = (c.event.__doc__ or "").strip()
     return {
         "name": c.name,
         "title": c.name,
         "summary": doc.splitlines()[0] if doc else c.name,
         "contentType": CONTENT_TYPE,
-        "payload": _ref("components", "schemas", c.event.__name__),
+        "payload": payload,
         "headers": {"type": "object", "required": ["schema_version"], "properties": {
             "schema_version": {"type": "integer", "const": c.schema_version,
                                "description": "The payload's schema_version, repeated."},
@@ -298,13 +299,15 @@ def _message(c: EventContract) -> dict[str, Any]:
     }
 
 
-def _schemas(events: Iterable[type[Event]]) -> dict[str, Any]:
-    """Every event's JSON Schema (as consumers validate it) and the models it uses, each
-    once, referring to one another within the document."""
-    _, top = models_json_schema([(event, "validation") for event in events],
-                                ref_template="#/components/schemas/{model}")
-    schemas: dict[str, Any] = top.get("$defs", {})
-    return schemas
+def _schemas(events: Iterable[type[Event]]
+             ) -> tuple[dict[type[Event], dict[str, Any]], dict[str, Any]]:
+    """Each event's reference to its JSON Schema (as consumers validate it), and every
+    schema: the events' and the models they use, each once, referring to one another within
+    the document (pydantic names two models of one name apart by their modules)."""
+    events = list(events)
+    refs, top = models_json_schema([(event, "validation") for event in events],
+                                   ref_template="#/components/schemas/{model}")
+    return {event: dict(refs[event, "validation"]) for event in events}, top.get("$defs", {})
 
 
 def _server(broker_url: str) -> dict[str, Any]:

@@ -187,6 +187,40 @@ def test_the_validator_refuses_a_document_the_specification_does_not_allow() -> 
     assert len(spec_errors(document)) == 3
 
 
+def test_two_event_models_of_one_class_name_keep_their_own_schemas() -> None:
+    """Services define events in their own packages: two classes both called PointsAwarded
+    each get their own payload schema."""
+
+    class PointsAwarded(Event):  # the same name as the module's, on purpose
+        routing: ClassVar[str] = "rewards.points"
+        event_type: Literal["RewardsGranted"] = "RewardsGranted"
+        rewards: str
+
+    rewards: Service[Any] = Service("rewards")
+    rewards.produces(PointsAwarded)
+    document = contracts.asyncapi([*shop(), rewards], Topology())
+    assert spec_errors(document) == []
+    messages = document["components"]["messages"]
+    assert "points" in resolve(document, messages["PointsAwarded"]["payload"]["$ref"])[
+        "properties"]
+    assert "rewards" in resolve(document, messages["RewardsGranted"]["payload"]["$ref"])[
+        "properties"]
+
+
+def test_a_queue_named_as_an_exchange_is_refused() -> None:
+    """A service `stock` consuming an event routed `reserved` would own a queue named as
+    StockReserved's exchange: the document says so rather than merging the two."""
+
+    class Reserved(Event):
+        routing: ClassVar[str] = "reserved"
+        event_type: Literal["Reserved"] = "Reserved"
+
+    stock: Service[Any] = Service("stock")
+    stock.handles(Reserved)(_ignore)
+    with pytest.raises(ValueError, match=r"'stock\.reserved' names both an exchange and a queue"):
+        contracts.asyncapi([stock], Topology())
+
+
 def test_every_exchange_queue_producer_and_consumer_is_in_the_document() -> None:
     """A durable fanout channel per exchange, a durable queue channel per subscriber queue
     (with the exchanges it is bound to), a send per producer (persistent, mandatory, as its
