@@ -64,16 +64,18 @@ SellerId = Annotated[
     Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
           description="The seller who ships this line.", examples=["seller-books"]),
 ]
+# The pattern before the validator: pydantic leaves out of the JSON Schema (the contract
+# readers see) a constraint that follows an AfterValidator, though it still checks it.
 CountryCode = Annotated[
     str,
-    AfterValidator(_upper),
     Field(pattern=r"^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2 country code.",
           examples=["DE"]),
+    AfterValidator(_upper),
 ]
 Currency = Annotated[
     str,
-    AfterValidator(_upper),
     Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217 currency code.", examples=["EUR"]),
+    AfterValidator(_upper),
 ]
 #: Money's limits: never negative, at most MONEY_DIGITS digits, MONEY_PLACES of them after
 #: the point; MONEY_MAX is the largest amount (999999999999.99).

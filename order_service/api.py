@@ -10,14 +10,14 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlencode
 
 import uvicorn
 from aio_pika.abc import AbstractConnection
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,7 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.contracts import asyncapi
 from common.events import Event, OrderPlaced
+from common.kit import discovery
+from common.kit.declare import Service
 from common.kit.logging import get_logger
 from common.kit.settings import ServiceSettings
 from common.kit.telemetry import tracer
@@ -624,7 +627,32 @@ def create_app(runtime: OrderRuntime | None, settings: OrderSettings) -> FastAPI
         return JSONResponse(health.model_dump(), status_code=200 if health.status == "ok"
                             else 503)
 
+    app.include_router(asyncapi_router(settings))
     return app
+
+
+def asyncapi_router(settings: ServiceSettings,
+                    services: Callable[[], Mapping[str, Service[Any]]] = discovery.services
+                    ) -> APIRouter:
+    """`GET /asyncapi.json`: the event contracts, as `shop events asyncapi` prints them.
+
+    Made on the first request and kept: the services installed do not change while the
+    process runs.
+    """
+    router = APIRouter()
+    kept: list[dict[str, Any]] = []
+
+    @router.get("/asyncapi.json", summary="The event contracts (AsyncAPI 3.0)",
+                response_description="An AsyncAPI 3.0.0 document.")
+    async def asyncapi_document() -> JSONResponse:
+        """Every exchange, subscriber queue and message schema, and who produces and who
+        consumes each event."""
+        if not kept:
+            kept.append(asyncapi(services().values(), Topology(settings.name_prefix),
+                                 broker_url=settings.amqp_url))
+        return JSONResponse(kept[0])
+
+    return router
 
 
 async def _serve(server: uvicorn.Server, where: str) -> None:

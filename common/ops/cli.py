@@ -22,6 +22,7 @@ from common.ops.broker_cli import app as broker_app
 from common.ops.cli_support import plain_console
 from common.ops.dlq_cli import app as dlq_app
 from common.ops.doctor import doctor
+from common.ops.events_cli import app as events_app
 from common.ops.queues_cli import queues
 from inventory_service.cli import app as inventory_app
 from logistics_service.cli import app as logistics_app
@@ -39,6 +40,7 @@ app.add_typer(logistics_app, name="logistics", help="Shipments (the logistics se
 app.add_typer(seller_app, name="seller", help="Sellers' inboxes (the seller service).")
 app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge.")
 app.add_typer(broker_app, name="broker", help="Broker users: one per service, least privilege.")
+app.add_typer(events_app, name="events", help="Event contracts: producers, subscribers, AsyncAPI.")
 app.command()(queues)
 app.command()(doctor)
 
