@@ -19,6 +19,7 @@ from common.kit.broker import connect, safe_url
 from common.kit.logging import configure_logging
 from common.kit.settings import ServiceSettings
 from common.ops.broker_cli import app as broker_app
+from common.ops.catchup_cli import catch_up
 from common.ops.cli_support import plain_console
 from common.ops.dlq_cli import app as dlq_app
 from common.ops.doctor import doctor
@@ -41,6 +42,7 @@ app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge
 app.add_typer(broker_app, name="broker", help="Broker users: one per service, least privilege.")
 app.command()(queues)
 app.command()(doctor)
+app.command("catch-up")(catch_up)
 
 err = plain_console(stderr=True)
 
