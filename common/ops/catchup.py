@@ -29,7 +29,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import ChannelNotFoundEntity
+from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 
 from common.events import EVENT_TYPES, Event, SubscriberAnnounced
 from common.kit.broker import ORIGINAL_USER, connect, login_of
@@ -158,11 +158,18 @@ async def catch_up(settings: ServiceSettings, service: str, *,
         queues = await _chosen_queues(connection, topology, service, events)
         reports = [Replayed(cls.model_fields["event_type"].default, queue,
                             topology.history_stream(cls)) for cls, queue in queues.items()]
-        await _mark_ends(connection, reports)
-        for report in reports:
-            if report.kept:
-                await _replay(connection, topology, report, since=since, oldest=oldest,
-                              impersonate=impersonate, login=login_of(connection))
+        try:
+            await _mark_ends(connection, reports)
+            for report in reports:
+                if report.kept:
+                    await _replay(connection, topology, report, since=since, oldest=oldest,
+                                  impersonate=impersonate, login=login_of(connection))
+        except AMQPError as exc:  # refused (rights), or a queue gone meanwhile
+            done = ", ".join(f"{r.event_type}: {r.replayed}" for r in reports)
+            raise CatchUpError(
+                f"the broker refused ({type(exc).__name__}: {exc}); replayed so far: {done}. "
+                "Catching up needs an administrator's AMQP_URL; running it again is "
+                "harmless.") from exc
     return CatchUp(service=service, since=since, oldest=oldest, events=reports)
 
 
