@@ -34,9 +34,9 @@ class History:
     """How much of each event's history the broker keeps: the retention of its stream."""
 
     #: Seconds of events kept (x-max-age).
-    max_age_seconds: int = 7 * 24 * 3600
+    max_age_seconds: int
     #: Bytes of events kept (x-max-length-bytes).
-    max_bytes: int = 1 << 30
+    max_bytes: int
 
     def arguments(self) -> dict[str, FieldValue]:
         # Eight segments within the byte limit: the stream then keeps at most an eighth
@@ -70,7 +70,7 @@ class Topology:
     @classmethod
     def of(cls, settings: ServiceSettings) -> Topology:
         """The topology a service's settings describe."""
-        history = (History(max_age_seconds=int(settings.history_hours * 3600),
+        history = (History(max_age_seconds=max(1, round(settings.history_hours * 3600)),
                            max_bytes=settings.history_max_bytes)
                    if settings.history else None)
         return cls(settings.name_prefix, delivery_limit=settings.delivery_limit,
