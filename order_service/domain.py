@@ -309,7 +309,9 @@ class FanOut(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     subscribers: tuple[SubscriberStatus, ...]
-    complete: bool = Field(description="Every subscriber gave its final answer.")
+    complete: bool = Field(description="Every expected subscriber gave its final answer; one "
+                                       "that joined later (caught up) is shown, never waited "
+                                       "for.")
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -352,7 +354,8 @@ def fan_out(expected: Iterable[str], receipts: Iterable[Receipt], *,
     and the receipts.
 
     Subscribers that answered without being expected (they announced themselves after the
-    order was placed, but their queue got the event) are listed too, marked unexpected.
+    order was placed, but their queue got the event, or `shop catch-up` gave it to them)
+    are listed too, marked unexpected; the order is complete without them.
 
     With `placed_at`, `now` and `late_after`, an expected subscriber without a final answer
     (handled or failed) more than `late_after` after the order was placed is late. An
@@ -388,7 +391,7 @@ def fan_out(expected: Iterable[str], receipts: Iterable[Receipt], *,
             duration_ms=decisive.duration_ms if decisive else None,
         ))
     return FanOut(subscribers=tuple(statuses),
-                  complete=all(s.status in FINAL for s in statuses))
+                  complete=all(s.status in FINAL for s in statuses if s.expected))
 
 
 # --- what the API and the CLI show ------------------------------------------------------

@@ -236,6 +236,20 @@ class Publisher:
                 self._exchanges[name] = await self._topology.declare_exchange(channel, name, kind)
             return self._exchanges[name]
 
+    async def event_exchange(self, cls: type[Event]) -> AbstractExchange:
+        """`cls`'s fanout exchange and, where the topology keeps history, its history stream
+        bound to it: declared before this publisher's first publish of `cls` (the service
+        declares those it produces at start), so no event it publishes misses the history."""
+        name = self._topology.exchange(cls)
+        async with self._lock:
+            channel = await self._get_channel()
+            if name not in self._exchanges:
+                exchange = await self._topology.declare_event_exchange(channel, cls)
+                if self._topology.keeps_history(cls):
+                    await self._topology.declare_history(channel, exchange, cls)
+                self._exchanges[name] = exchange
+            return self._exchanges[name]
+
     async def publish(self, event: Event, *, body: bytes | None = None,
                       trace_parent: Mapping[str, Any] | None = None,
                       user_id: str | None = None) -> None:
@@ -259,7 +273,7 @@ class Publisher:
     async def _publish(self, cls: type[Event], envelope: Envelope, body: bytes,
                        trace_parent: Mapping[str, Any] | None, user_id: str | None = None
                        ) -> None:
-        exchange = await self.exchange(self._topology.exchange(cls))
+        exchange = await self.event_exchange(cls)
         with publish_span(exchange.name, envelope.event_id, envelope.event_type,
                           self._service, trace_parent) as trace_headers:
             headers: dict[str, Any] = {"schema_version": envelope.schema_version,

@@ -229,8 +229,7 @@ class ServiceRunner(Generic[StoreT]):
                              f"service_name is {spec.name!r}")
         self.spec = spec
         self.settings = settings
-        self.topology = Topology(settings.name_prefix, delivery_limit=settings.delivery_limit,
-                                 retry_delays=settings.retry_delays)
+        self.topology = Topology.of(settings)
         self.broker_wait = broker_wait
         self.shutdown_timeout = shutdown_timeout or settings.shutdown_timeout
         self.runtime = Runtime(spec, settings, make_engine(settings.db_url()), self.topology)
@@ -275,6 +274,8 @@ class ServiceRunner(Generic[StoreT]):
                          retention=timedelta(hours=self.settings.retention_hours),
                          service=self.spec.name, instance=rt.instance)
         await self._declare_audit()
+        for cls in self.spec.produces:
+            await rt.publisher.event_exchange(cls)
         for sub in self.subscriptions:
             await self._consume(sub)
         self._tasks.append(asyncio.create_task(rt.relay.run(), name=f"{self.spec.name}-relay"))

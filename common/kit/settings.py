@@ -69,6 +69,18 @@ class ServiceSettings(BaseSettings):
                     "256 KiB), hence the floor; a hostile body is refused before pydantic "
                     "builds objects for it.")
 
+    history: bool = Field(
+        True, validation_alias=_shared("SHOP_HISTORY"),
+        description="Keep a bounded history of every business event on the broker (a stream "
+                    "bound to its exchange, declared by its producers), which `shop catch-up` "
+                    "replays to a subscriber added later.")
+    history_hours: float = Field(
+        168.0, gt=0, validation_alias=_shared("SHOP_HISTORY_HOURS"),
+        description="Hours of each event's history kept (the stream's x-max-age).")
+    history_max_bytes: int = Field(
+        1 << 30, ge=1_048_576, validation_alias=_shared("SHOP_HISTORY_MAX_BYTES"),
+        description="Bytes of each event's history kept (the stream's x-max-length-bytes).")
+
     otel_traces_exporter: str | None = Field(
         None, validation_alias=_shared("OTEL_TRACES_EXPORTER"),
         description="otlp or console to export traces (OTEL_EXPORTER_OTLP_* configure otlp); "

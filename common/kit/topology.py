@@ -10,6 +10,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, Field
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from common.events import Event
+from common.kit.settings import ServiceSettings
 
 # Quorum queues, chosen deliberately (README, "Queues"): they are RabbitMQ's durable,
 # replicated queue type on 3.10 to 4.x, and their delivery limit stops a message that kills
@@ -21,6 +22,29 @@ QUORUM: dict[str, FieldValue] = {
     "x-overflow": "reject-publish",
 }
 DEFAULT_DELIVERY_LIMIT = 10
+
+#: A stream's segment size bounds how far past its limits it grows: the broker drops old
+#: history a whole segment at a time. RabbitMQ's default segment is 500 MB.
+MAX_SEGMENT_BYTES = 500_000_000
+MIN_SEGMENT_BYTES = 1_048_576
+
+
+@dataclass(frozen=True)
+class History:
+    """How much of each event's history the broker keeps: the retention of its stream."""
+
+    #: Seconds of events kept (x-max-age).
+    max_age_seconds: int
+    #: Bytes of events kept (x-max-length-bytes).
+    max_bytes: int
+
+    def arguments(self) -> dict[str, FieldValue]:
+        # Eight segments within the byte limit: the stream then keeps at most an eighth
+        # more than asked, where one default segment would double a 500 MB limit.
+        segment = min(MAX_SEGMENT_BYTES, max(MIN_SEGMENT_BYTES, self.max_bytes // 8))
+        return {"x-queue-type": "stream", "x-max-age": f"{self.max_age_seconds}s",
+                "x-max-length-bytes": self.max_bytes,
+                "x-stream-max-segment-size-bytes": segment}
 
 
 class TopologyError(RuntimeError):
@@ -36,15 +60,36 @@ class Topology:
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     #: Seconds between attempts of a failing delivery, one delay queue each.
     retry_delays: tuple[float, ...] = (1.0, 10.0, 60.0)
+    #: The history kept of each business event (a stream bound to its exchange, declared
+    #: by its producers); None: none is declared.
+    history: History | None = None
     #: What this process declared, so tests can delete it afterwards.
     declared_exchanges: list[str] = field(default_factory=list)
     declared_queues: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, settings: ServiceSettings) -> Topology:
+        """The topology a service's settings describe."""
+        history = (History(max_age_seconds=max(1, round(settings.history_hours * 3600)),
+                           max_bytes=settings.history_max_bytes)
+                   if settings.history else None)
+        return cls(settings.name_prefix, delivery_limit=settings.delivery_limit,
+                   retry_delays=settings.retry_delays, history=history)
 
     def exchange(self, event: type[Event]) -> str:
         return f"{self.prefix}{event.routing}"
 
     def queue(self, service: str, event: type[Event]) -> str:
         return f"{self.prefix}{service}.{event.routing}"
+
+    def history_stream(self, event: type[Event]) -> str:
+        """The stream that keeps `event`'s history, for subscribers that come later."""
+        return history_of(self.exchange(event))
+
+    def keeps_history(self, event: type[Event]) -> bool:
+        """Whether a producer declares `event`'s history: business events only, not the
+        audit's receipts and announcements."""
+        return self.history is not None and self.exchange(event) != self.audit_exchange
 
     def dlq(self, queue: str) -> str:
         return f"{queue}.dlq"
@@ -91,6 +136,17 @@ class Topology:
                                      event: type[Event]) -> AbstractExchange:
         return await self.declare_exchange(channel, self.exchange(event),
                                            aio_pika.ExchangeType.FANOUT)
+
+    async def declare_history(self, channel: AbstractChannel, exchange: AbstractExchange,
+                              event: type[Event]) -> AbstractQueue:
+        """`event`'s history stream, bound to its exchange: from then on every publish to
+        the exchange is kept, and confirmed only once the stream has it too."""
+        if self.history is None:
+            raise ValueError("this topology keeps no history")
+        stream = await self.declare_queue(channel, self.history_stream(event),
+                                          self.history.arguments(), quorum=False)
+        await stream.bind(exchange, routing_key="")
+        return stream
 
     async def declare_queue(self, channel: AbstractChannel, name: str,
                             arguments: dict[str, FieldValue], *, quorum: bool = True
@@ -139,6 +195,11 @@ class Topology:
     def _remember(names: list[str], name: str) -> None:
         if name not in names:
             names.append(name)
+
+
+def history_of(exchange: str) -> str:
+    """The history stream bound to an event exchange (`Topology.history_stream`)."""
+    return f"{exchange}.history"
 
 
 _DELETE_HOW = {

@@ -9,7 +9,11 @@ queue, bind from an exchange). A service here may:
   them but the exchanges they are bound to;
 - configure the exchanges of the events it consumes and produces, and the audit exchange;
 - write (publish to) the exchanges of the events it produces and the audit exchange;
-- read (bind its queues to) the exchanges of the events it consumes.
+- read (bind its queues to) the exchanges of the events it consumes;
+- configure and bind the history stream of each event it produces to that event's exchange
+  (`Topology.history_stream`: binding needs write on the stream and read on the exchange).
+  Publishing into a queue goes through an exchange, so the stream only ever gets what the
+  event's exchange routes; reading it is an operator's (`shop catch-up`).
 
 With `user_id` validated by the broker on every publish, the producer of an event is then
 established by the broker: the user is the service (`ServiceSettings.broker_user`).
@@ -85,12 +89,13 @@ def grant_for(spec: ServiceSpec[Any], topology: Topology, *, observer: bool = Fa
     audit = _exact(topology.audit_exchange)
     consumed = [_exact(topology.exchange(cls)) for cls in (*spec.handlers, *spec.audit_handlers)]
     produced = [_exact(topology.exchange(cls)) for cls in spec.produces]
+    histories = [_exact(topology.history_stream(cls)) for cls in spec.produces]
     return Grant(
         service=spec.name,
         user=f"{topology.prefix}{spec.name}",
-        configure=_any_of([*own, *consumed, *produced, audit]),
-        write=_any_of([*own, *produced, audit]),
-        read=_any_of([*consumable, *consumed]),
+        configure=_any_of([*own, *consumed, *produced, *histories, audit]),
+        write=_any_of([*own, *produced, *histories, audit]),
+        read=_any_of([*consumable, *consumed, *produced]),
         tags=("monitoring",) if observer else (),
     )
 

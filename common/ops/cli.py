@@ -19,6 +19,7 @@ from common.kit.broker import connect, safe_url
 from common.kit.logging import configure_logging
 from common.kit.settings import ServiceSettings
 from common.ops.broker_cli import app as broker_app
+from common.ops.catchup_cli import catch_up
 from common.ops.cli_support import plain_console
 from common.ops.dlq_cli import app as dlq_app
 from common.ops.doctor import doctor
@@ -43,6 +44,7 @@ app.add_typer(broker_app, name="broker", help="Broker users: one per service, le
 app.add_typer(events_app, name="events", help="Event contracts: producers, subscribers, AsyncAPI.")
 app.command()(queues)
 app.command()(doctor)
+app.command("catch-up")(catch_up)
 
 err = plain_console(stderr=True)
 

@@ -425,7 +425,7 @@ async def replay(settings: ServiceSettings, service: str, *,
     # Where each service has a broker user of its own, a replay is sent as the dead letter's
     # producer sent it, and its receipt as the service: consumers believe the broker's
     # user_id, not the body. Only a user tagged impersonator may (`shop broker setup`).
-    owner = f"{settings.name_prefix}{service}" if await _impersonator(settings) else None
+    owner = f"{settings.name_prefix}{service}" if await can_impersonate(settings) else None
     async with _broker(settings) as connection:
         publisher = Publisher(connection, topology)
         try:
@@ -446,7 +446,7 @@ async def replay(settings: ServiceSettings, service: str, *,
     return report
 
 
-async def _impersonator(settings: ServiceSettings) -> bool:
+async def can_impersonate(settings: ServiceSettings) -> bool:
     """Whether our broker user may publish as another (the `impersonator` tag)."""
     api = ManagementApi.of(settings)
     try:

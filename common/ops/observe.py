@@ -32,7 +32,7 @@ from yarl import URL
 from common.events import EVENT_TYPES, SubscriberAnnounced
 from common.kit.broker import connect, safe_url
 from common.kit.settings import ServiceSettings
-from common.kit.topology import Topology
+from common.kit.topology import Topology, history_of
 
 Source = Literal["management API", "amqp"]
 MANAGEMENT: Source = "management API"
@@ -442,9 +442,10 @@ def compare(snapshot: BrokerSnapshot, registry: Sequence[Announced] | None, *,
     """What is expected (the registry and the kit's own queues) against what the broker has.
 
     Reported: an announced subscriber whose queue is missing or has no consumer, a queue
-    bound to an event exchange that nobody announced, a subscriber whose announcements
-    stopped (stale), dead letters waiting, late orders. `registry=None` means it is not
-    known: only `kit_queues` are checked then, and unannounced queues cannot be told.
+    bound to an event exchange that nobody announced (its history stream aside), a
+    subscriber whose announcements stopped (stale), dead letters waiting, late orders.
+    `registry=None` means it is not known: only `kit_queues` are checked then, and
+    unannounced queues cannot be told.
     """
     problems: list[str] = []
     if not snapshot.reachable:
@@ -489,10 +490,11 @@ def compare(snapshot: BrokerSnapshot, registry: Sequence[Announced] | None, *,
     if registry is not None and snapshot.bindings is not None:
         for exchange, queues in sorted(snapshot.bindings.items()):
             for queue in queues:
-                if queue not in owners:
-                    unannounced.append(UnannouncedQueue(queue=queue, exchange=exchange))
-                    problems.append(f"{queue} is bound to {exchange} but no subscriber "
-                                    "announced it: nobody tracks what it does with the events")
+                if queue in owners or queue == history_of(exchange):
+                    continue
+                unannounced.append(UnannouncedQueue(queue=queue, exchange=exchange))
+                problems.append(f"{queue} is bound to {exchange} but no subscriber "
+                                "announced it: nobody tracks what it does with the events")
 
     names = set(owners) | set(kit_queues) | {u.queue for u in unannounced}
     if snapshot.listed_all:

@@ -3,6 +3,7 @@ events and goes out once it can; receipts travel in bounded messages."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -39,11 +40,12 @@ async def outbox_row(runtime: Runtime[Any], event: Event) -> Any:
 
 async def test_an_unroutable_event_waits_without_blocking_other_orders(
         start_service: StartService, amqp: aio_pika.abc.AbstractConnection) -> None:
-    """Order A's first event has no queue yet: A's next event waits behind it, B flows.
+    """Without a history kept, order A's first event has no queue yet: A's next event waits
+    behind it, B flows.
 
     Once a queue is bound, A's events go out in the order they were committed.
     """
-    runtime = await start_service(PROBE)
+    runtime = await start_service(PROBE, history=False)
     order_a, order_b = make_order(), make_order()
     stuck = StockReserved(order_id=order_a.order_id, correlation_id=str(order_a.order_id),
                           lines=(ReservedLine(sku="SKU-1", quantity=1),))
@@ -70,6 +72,27 @@ async def test_an_unroutable_event_waits_without_blocking_other_orders(
     assert message is not None
     assert message.message_id == str(stuck.event_id)
     await message.ack()
+
+
+async def test_an_event_nobody_subscribes_to_yet_is_kept_in_its_history(
+        start_service: StartService, amqp: aio_pika.abc.AbstractConnection) -> None:
+    """With the history kept (the default), an event without a subscriber queue is published
+    all the same, into its history, and holds up nothing of its order."""
+    runtime = await start_service(PROBE)
+    order = make_order()
+    kept = StockReserved(order_id=order.order_id, correlation_id=str(order.order_id),
+                         lines=(ReservedLine(sku="SKU-1", quantity=1),))
+    await commit(runtime, kept, order)
+    await wait_for(lambda: effect_count(runtime, order.order_id), what="the order's effect")
+    channel = await amqp.channel()
+    await channel.set_qos(prefetch_count=10)
+    history = await channel.declare_queue(runtime.topology.history_stream(StockReserved),
+                                          passive=True)
+    read: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    await history.consume(read.put, arguments={"x-stream-offset": "first"})
+    message = await asyncio.wait_for(read.get(), 10)
+    assert message.message_id == str(kept.event_id)
+    await channel.close()
 
 
 async def test_events_of_one_order_are_published_in_commit_order(

@@ -84,3 +84,22 @@ def test_names_are_matched_literally() -> None:
     assert not allows(wide.write, "aXb+c|stock.reserved")
     assert not allows(wide.write, "stock.reserved")
     assert wide.user == "a.b+c|inventory"
+
+
+def test_a_producer_declares_and_binds_the_history_of_its_own_events_only() -> None:
+    """Inventory may declare the streams of StockReserved and StockReservationFailed and
+    bind them to their exchanges (write on the stream, read on the exchange); not the history
+    of OrderPlaced or of another service's outcome, and it may consume none of them."""
+    inventory = grant(INVENTORY)
+    for name in ("acme.stock.reserved.history", "acme.stock.reservation_failed.history"):
+        assert allows(inventory.configure, name), name
+        assert allows(inventory.write, name), name
+        assert not allows(inventory.read, name), name
+    assert allows(inventory.read, "acme.stock.reserved")
+    for name in ("acme.order.placed.history", "acme.shipment.scheduled.history",
+                 "acme.audit.history"):
+        assert not allows(inventory.configure, name), name
+        assert not allows(inventory.write, name), name
+    order = grant(ORDER)
+    assert allows(order.configure, "acme.order.placed.history")
+    assert not allows(order.configure, "acme.stock.reserved.history")

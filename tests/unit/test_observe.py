@@ -107,6 +107,14 @@ def test_a_queue_bound_to_an_event_exchange_but_never_announced_is_unannounced()
     assert "p.sneaky" in [q.queue for q in report.queues]
 
 
+def test_an_event_history_stream_is_not_an_unannounced_queue() -> None:
+    """The stream its producer binds to order.placed keeps history; it is no subscriber."""
+    bindings = {"p.order.placed": (*BOUND["p.order.placed"], "p.order.placed.history")}
+    report = check(healthy_broker(bindings=bindings))
+    assert report.unannounced_queues == []
+    assert report.healthy
+
+
 def test_without_bindings_unannounced_queues_cannot_be_told() -> None:
     """Under the AMQP fallback the bindings are unknown: no verdict, and it says so."""
     report = check(healthy_broker(bindings=None, source=observe.AMQP, listed_all=False))

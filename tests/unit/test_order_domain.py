@@ -313,6 +313,16 @@ def test_a_subscriber_that_joined_later_is_listed_as_unexpected() -> None:
     assert fan.complete
 
 
+def test_a_subscriber_that_joined_later_never_holds_the_order_open() -> None:
+    """Catching up, a subscriber the order did not expect may still be retrying or replayed:
+    it shows so, and the order stays complete once its expected subscribers answered."""
+    fan = fan_out(["a"], [receipt("a", "handled"), receipt("b", "retried"),
+                          receipt("c", "replayed")])
+    assert [(s.name, s.status, s.expected) for s in fan.subscribers] == [
+        ("a", "handled", True), ("b", "retrying", False), ("c", "pending", False)]
+    assert fan.complete
+
+
 def test_no_subscribers_is_trivially_complete() -> None:
     """With no expected subscriber and no receipt there is nothing to wait for."""
     fan = fan_out([], [])
