@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from common.kit.settings import ServiceSettings
-from order_service.credentials import API_TOKEN_VAR, OPERATOR_TOKEN_VAR, blank_is_unset
+from common.ops.credentials import API_TOKEN_VAR, OPERATOR_TOKEN_VAR, blank_is_unset
 
 #: The shortest token the service accepts: a guessable one protects nothing.
 MIN_TOKEN_LENGTH = 16

@@ -26,7 +26,7 @@ from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
 from common.ops import observe
 from common.ops.cli_support import plain_console
-from order_service.credentials import API_TOKEN_VAR, ApiCredentials
+from common.ops.credentials import API_TOKEN_VAR, ApiCredentials
 
 Status = Literal["ok", "failed", "unknown"]
 
