@@ -13,6 +13,8 @@ from inventory_service.store import StockStore, metadata, seed_catalogue
 
 
 class InventorySettings(ServiceSettings):
+    """Inventory's own settings (INVENTORY_*)."""
+
     seed_catalogue: bool = Field(True, description="Load the demo catalogue into an empty stock.")
 
 
