@@ -1,4 +1,4 @@
-# One image for all four services; docker-compose.yml picks the service with `command`.
+# One image for every service; docker-compose.yml picks the service with `command`.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,13 +12,9 @@ RUN groupadd --system shop && useradd --system --gid shop --home-dir /app --no-c
 WORKDIR /app
 
 # Install the project (not its dev extra) from a copy of the sources, then drop the copy:
-# the installed packages are all the services need at run time.
-COPY pyproject.toml /tmp/src/
-COPY common /tmp/src/common
-COPY order_service /tmp/src/order_service
-COPY inventory_service /tmp/src/inventory_service
-COPY logistics_service /tmp/src/logistics_service
-COPY seller_service /tmp/src/seller_service
+# the installed packages are all the services need at run time. .dockerignore lets only
+# pyproject.toml, the kit and the service packages (`*_service`) in.
+COPY . /tmp/src
 RUN pip install /tmp/src && rm -rf /tmp/src
 
 # The default SQLite files live here; a named volume keeps them across restarts. The folder

@@ -14,7 +14,7 @@ help:
 	@echo "make test      install, make sure a broker answers, run every test tier"
 	@echo "make lint      ruff check and mypy --strict"
 	@echo "make demo      install, broker, start the services, place a sample order, show its status"
-	@echo "make up        run the four services (shop up)"
+	@echo "make up        run every installed service (shop up)"
 	@echo "make bench     the benchmark: raw aio-pika, FastStream, the kit and the system, several"
 	@echo "               rounds; a table and bench/results/<time>.json (BENCH_ARGS=--help for options)"
 	@echo "make bench-smoke  every benchmark case once with tiny sizes (CI): completes, no timing goal"

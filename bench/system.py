@@ -32,12 +32,12 @@ from bench import amqp
 from bench.orders import LINES, ROWS_PER_ORDER, new_order, order_body, seed_stock
 from bench.procfs import broker_pid, cpu_seconds, rss_bytes
 from common.events import Event
+from common.kit.declare import Delivery
 from common.kit.logging import configure_logging
 from common.kit.runner import Runtime, ServiceRunner
 from common.ops.observe import sweep_prefix
-from order_service.__main__ import SPEC as ORDER_SPEC
 from order_service.domain import place_order
-from order_service.settings import OrderSettings
+from order_service.service import service as order
 from order_service.store import OrderStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,8 +182,8 @@ class System:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         #: Services stopped on purpose, and how each stop went: (seconds, killed).
         self.stopped: dict[str, tuple[float, bool]] = {}
-        self.runner: ServiceRunner[OrderStore] | None = None
-        self.runtime: Runtime[OrderStore] | None = None
+        self.runner: ServiceRunner[Delivery] | None = None
+        self.runtime: Runtime[Delivery] | None = None
         self.broker_pid = broker_pid(amqp_url)
 
     # --- processes ----------------------------------------------------------------------
@@ -315,16 +315,16 @@ class System:
 
     # --- the order service in this process (the direct publishing path) -----------------
 
-    async def start_inprocess(self) -> Runtime[OrderStore]:
+    async def start_inprocess(self) -> Runtime[Delivery]:
         """The order service's runner (consumers, tracker, outbox relay) in this process,
         without its HTTP API: orders are committed through its runtime directly."""
         if self.running("order"):
             raise SystemDownError("the order service already runs as a process")
-        settings = OrderSettings(amqp_url=self.amqp_url, name_prefix=self.prefix,
-                                 data_dir=self.data, metrics_port=0, log_level="WARNING",
-                                 log_format="json", http_port=self.port)
+        settings = order.settings(amqp_url=self.amqp_url, name_prefix=self.prefix,
+                                  data_dir=self.data, metrics_port=0, log_level="WARNING",
+                                  log_format="json", http_port=self.port)
         configure_logging(settings)
-        self.runner = ServiceRunner(ORDER_SPEC, settings, broker_wait=60)
+        self.runner = ServiceRunner(order.spec(settings), settings, broker_wait=60)
         self.runtime = await self.runner.__aenter__()
         return self.runtime
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from common.events import Sku
 from common.kit.db import run_with_store
 from common.ops.cli_support import fail, plain_console, print_json
-from inventory_service.settings import InventorySettings
+from inventory_service.service import service
 from inventory_service.store import StockBelowReservedError, StockLevel, StockStore, metadata
 
 T = TypeVar("T")
@@ -27,7 +27,7 @@ _SKU = TypeAdapter(Sku)
 
 def _run(work: Callable[[StockStore], Awaitable[T]]) -> T:
     """Run `work` in one transaction on inventory's own database."""
-    return run_with_store(InventorySettings().db_url(), metadata, StockStore, work)
+    return run_with_store(service.settings().db_url(), metadata, StockStore, work)
 
 
 def _as_dict(level: StockLevel) -> dict[str, object]:

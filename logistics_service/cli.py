@@ -12,7 +12,7 @@ from rich.table import Table
 from common.kit.db import run_with_store
 from common.ops.cli_support import fail, plain_console, print_json
 from logistics_service.domain import Shipment
-from logistics_service.settings import LogisticsSettings
+from logistics_service.service import service
 from logistics_service.store import ShipmentStore, metadata
 
 T = TypeVar("T")
@@ -24,7 +24,7 @@ app.add_typer(shipments_app, name="shipments")
 
 def _run(work: Callable[[ShipmentStore], Awaitable[T]]) -> T:
     """Run `work` in one transaction on logistics' own database."""
-    return run_with_store(LogisticsSettings().db_url(), metadata, ShipmentStore, work)
+    return run_with_store(service.settings().db_url(), metadata, ShipmentStore, work)
 
 
 def _as_dict(shipment: Shipment) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from order_service.credentials import API_TOKEN_VAR, OPERATOR_TOKEN_VAR
+from common.ops.credentials import API_TOKEN_VAR, OPERATOR_TOKEN_VAR
 
 #: Names of the bearer schemes in the OpenAPI document.
 API_SCHEME = "ApiToken"

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common.ops.cli_support import plain_console, print_json
-from order_service.credentials import ApiCredentials
+from common.ops.credentials import ApiCredentials
 from order_service.domain import NewOrder, OutcomeKind, outcome_detail
 
 app = typer.Typer(

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, ClassVar, Self
+from typing import Annotated, Self
 
-from pydantic import (
-    AliasChoices,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from common.kit.settings import ServiceSettings
-from order_service.credentials import API_TOKEN_VAR, OPERATOR_TOKEN_VAR, blank_is_unset
+from common.ops.credentials import API_TOKEN_VAR, OPERATOR_TOKEN_VAR, blank_is_unset
 
 #: The shortest token the service accepts: a guessable one protects nothing.
 MIN_TOKEN_LENGTH = 16
@@ -38,13 +31,7 @@ def is_loopback(host: str) -> bool:
 
 
 class OrderSettings(ServiceSettings):
-    """The order service: its database, its HTTP API and who may use it."""
-
-    model_config = SettingsConfigDict(env_prefix="ORDER_", extra="ignore", populate_by_name=True)
-    service_name: ClassVar[str] = "order"
-
-    metrics_port: int = Field(9100, ge=0, le=65535,
-                              description="Port of the Prometheus /metrics endpoint; 0: off.")
+    """The order service's own settings (ORDER_*): its HTTP API and who may use it."""
 
     http_host: str = Field("127.0.0.1", description="Where the HTTP API listens.")
     http_port: int = Field(8000, ge=1, le=65535, description="The HTTP API's port.")
@@ -116,20 +103,3 @@ class OrderSettings(ServiceSettings):
                 f"with {_MAKE_ONE}) or listen on 127.0.0.1")
         return self
 
-
-def refusal(exc: ValidationError) -> str:
-    """Why the settings were refused, one line per variable, without the values given (a
-    token refused for being short is still a secret)."""
-    lines = []
-    for error in exc.errors(include_input=False, include_url=False):
-        message = error["msg"].removeprefix("Value error, ")
-        name = str(error["loc"][0]) if error["loc"] else ""
-        field = OrderSettings.model_fields.get(name)
-        if field is None:  # read through its alias (an un-prefixed variable), or the model's
-            lines.append(f"{name}: {message}" if name else message)
-            continue
-        alias = field.validation_alias
-        variable = (str(alias.choices[0]) if isinstance(alias, AliasChoices)
-                    else f"ORDER_{name.upper()}")
-        lines.append(f"{variable}: {message}")
-    return "\n".join(lines)

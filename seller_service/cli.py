@@ -12,7 +12,7 @@ from rich.table import Table
 from common.events import SellerId
 from common.kit.db import run_with_store
 from common.ops.cli_support import fail, plain_console, print_json
-from seller_service.settings import SellerSettings
+from seller_service.service import service
 from seller_service.store import InboxStore, Notification, metadata
 
 T = TypeVar("T")
@@ -24,7 +24,7 @@ _SELLER_ID = TypeAdapter(SellerId)
 
 def _run(work: Callable[[InboxStore], Awaitable[T]]) -> T:
     """Run `work` in one transaction on the seller service's own database."""
-    return run_with_store(SellerSettings().db_url(), metadata, InboxStore, work)
+    return run_with_store(service.settings().db_url(), metadata, InboxStore, work)
 
 
 def _as_dict(note: Notification) -> dict[str, object]:

@@ -13,12 +13,19 @@ delivery's transaction), its settings, the connection, a `Clock`. What it return
 several, or None) is published with the delivery's commit; the kit fills in correlation,
 causation and producer. What it may return is read from its return annotation, and is all
 its broker user may publish.
+
+A service with commands of its own names its Typer app as `module:attribute`
+(`Service(..., cli="loyalty_service.cli:app")`): the `shop` command mounts it as
+`shop loyalty ...`, importing it only then, so the commands may import the service and
+running the service never loads them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
+import sys
 import types
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -26,13 +33,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
+from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.events import DeliveryReceipt, Event
 from common.kit.service import ServiceSpec
-from common.kit.settings import ServiceSettings
+from common.kit.settings import ServiceSettings, refusal
 
 StoreT = TypeVar("StoreT")
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
@@ -41,6 +49,9 @@ HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
 #: What a service runs beside its consumers (the order service's HTTP API), given the
 #: running service; it ends when the service stops.
 Extra = Callable[[Any], Coroutine[Any, Any, None]]
+#: Runs once after the tables exist, before consuming: `start(engine)`, or
+#: `start(engine, settings)` when it takes two parameters (seed data a setting turns off).
+OnStart = Callable[..., Awaitable[None]]
 
 
 class Clock:
@@ -66,14 +77,15 @@ class Service(Generic[StoreT]):
     def __init__(self, name: str, *, store: Callable[[AsyncConnection], StoreT] | None = None,
                  tables: MetaData | None = None,
                  settings: type[ServiceSettings] = ServiceSettings,
-                 on_start: Callable[[AsyncEngine], Awaitable[None]] | None = None,
-                 metrics_port: int = 0) -> None:
+                 on_start: OnStart | None = None, metrics_port: int = 0,
+                 cli: str | None = None) -> None:
         if not name.isidentifier() or not name.islower():
             raise ValueError(f"a service's name is a lower-case Python identifier, not {name!r}")
         self.name = name
         self.store_class = store
         self.tables = tables if tables is not None else MetaData()
         self.on_start = on_start
+        self.cli = cli
         self.settings_class = _settings_class(name, settings, metrics_port)
         self.clock = Clock()
         self._handlers: dict[type[Event], Callable[[Any, Delivery], Awaitable[list[Event]]]] = {}
@@ -168,6 +180,13 @@ class Service(Generic[StoreT]):
         """Its settings, from the environment (and `values`, which win)."""
         return self.settings_class(**values)
 
+    def commands(self) -> Any:
+        """Its Typer app (`cli`, imported now), or None when it has no commands."""
+        if self.cli is None:
+            return None
+        module, _, attribute = self.cli.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
     def spec(self, settings: ServiceSettings | None = None) -> ServiceSpec[Delivery]:
         """What the kit's runner runs."""
         settings = settings or self.settings()
@@ -185,7 +204,8 @@ class Service(Generic[StoreT]):
 
         return ServiceSpec(name=self.name, handlers=dict(self._handlers), store=delivery,
                            metadata=self.tables, produces=self.produced,
-                           on_start=self.on_start, audit_handlers=dict(self._tracks),
+                           on_start=_started(self.on_start, settings),
+                           audit_handlers=dict(self._tracks),
                            keep_receipts=keep_receipts)
 
     async def run(self, settings: ServiceSettings | None = None) -> None:
@@ -204,9 +224,25 @@ class Service(Generic[StoreT]):
         """`python -m <name>_service` and `shop run <name>`."""
         from common.kit.logging import configure_logging
 
-        settings = self.settings()
+        try:
+            settings = self.settings()
+        except ValidationError as exc:
+            sys.exit(f"the {self.name} service refuses to start:\n"
+                     f"{refusal(exc, self.settings_class)}")
         configure_logging(settings)
         asyncio.run(self.run(settings))
+
+
+def _started(start: OnStart | None, settings: ServiceSettings
+             ) -> Callable[[AsyncEngine], Awaitable[None]] | None:
+    """`start` as the runner calls it: with the engine, and the settings if it takes them."""
+    if start is None or len(inspect.signature(start).parameters) < 2:
+        return start
+
+    async def on_start(engine: AsyncEngine) -> None:
+        await start(engine, settings)
+
+    return on_start
 
 
 def _store(d: Delivery) -> Any:

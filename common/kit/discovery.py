@@ -12,7 +12,7 @@ nothing in the kit lists services by name.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from common.kit.declare import Service
@@ -26,28 +26,30 @@ class UnknownServiceError(LookupError):
 
 def services() -> dict[str, Service[Any]]:
     """Every installed service, by name, sorted by name."""
-    found: dict[str, Service[Any]] = {}
-    for point in entry_points(group=GROUP):
-        service = point.load()
-        if not isinstance(service, Service):
-            raise TypeError(f"entry point {point.name} = {point.value!r} in {GROUP!r} is a "
-                            f"{type(service).__name__}, not a Service")
-        if service.name != point.name:
-            raise ValueError(f"entry point {point.name!r} in {GROUP!r} names the service "
-                             f"{service.name!r}: the two must be the same")
-        found[point.name] = service
-    return dict(sorted(found.items()))
+    return {point.name: _load(point)
+            for point in sorted(entry_points(group=GROUP), key=lambda p: p.name)}
 
 
 def service(name: str) -> Service[Any]:
-    """The installed service called `name`, or UnknownServiceError saying which exist."""
-    known = services()
-    if name not in known:
-        raise UnknownServiceError(
-            f"no service {name!r} is installed (installed: {', '.join(known) or 'none'}); a "
-            f"service package declares itself under [project.entry-points.\"{GROUP}\"] in "
-            "pyproject.toml, and `make install` (pip install -e .) registers it")
-    return known[name]
+    """The installed service called `name` (importing it alone), or UnknownServiceError
+    saying which exist."""
+    for point in entry_points(group=GROUP, name=name):
+        return _load(point)
+    raise UnknownServiceError(
+        f"no service {name!r} is installed (installed: {', '.join(names()) or 'none'}); a "
+        f"service package declares itself under [project.entry-points.\"{GROUP}\"] in "
+        "pyproject.toml, and `make install` (pip install -e .) registers it")
+
+
+def _load(point: EntryPoint) -> Service[Any]:
+    service = point.load()
+    if not isinstance(service, Service):
+        raise TypeError(f"entry point {point.name} = {point.value!r} in {GROUP!r} is a "
+                        f"{type(service).__name__}, not a Service")
+    if service.name != point.name:
+        raise ValueError(f"entry point {point.name!r} in {GROUP!r} names the service "
+                         f"{service.name!r}: the two must be the same")
+    return service
 
 
 def names() -> list[str]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
@@ -16,11 +23,12 @@ def _shared(name: str) -> AliasChoices:
 
 
 class ServiceSettings(BaseSettings):
-    """What every service needs; a subclass per service sets its name and env prefix.
+    """What every service needs; `common.kit.declare.Service` derives each service's class
+    from it (or from the service's own subclass), with its name and its env prefix.
 
     Shared settings (broker, prefix, logs) come from un-prefixed variables; what a service
     owns alone (its database, its prefetch) from `<SERVICE>_...`, so `shop up` can hand
-    one environment to all four processes.
+    one environment to every process.
     """
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
@@ -155,3 +163,22 @@ class ServiceSettings(BaseSettings):
 
 def _with_login(url: str, user: str, password: str) -> str:
     return str(URL(url).with_user(user).with_password(password))
+
+
+def refusal(exc: ValidationError, cls: type[BaseSettings]) -> str:
+    """Why `cls` refused the environment, one line per variable, without the values given
+    (a token refused for being short is still a secret)."""
+    prefix = cls.model_config.get("env_prefix") or ""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        name = str(error["loc"][0]) if error["loc"] else ""
+        field = cls.model_fields.get(name)
+        if field is None:  # read through its alias (an un-prefixed variable), or the model's
+            lines.append(f"{name}: {message}" if name else message)
+            continue
+        alias = field.validation_alias
+        variable = (str(alias.choices[0]) if isinstance(alias, AliasChoices)
+                    else f"{prefix}{name}".upper())
+        lines.append(f"{variable}: {message}")
+    return "\n".join(lines)

@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from common.kit import discovery
 from common.kit.broker import safe_url
-from common.kit.service import ServiceSpec
 from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
 from common.ops.access import SetupError, apply, declare_shared, grant_for
 from common.ops.cli_support import fail, print_json
 
 app = typer.Typer(no_args_is_help=True)
-
-
-def _service(name: str) -> tuple[ServiceSpec[Any], ServiceSettings]:
-    """A service's spec and its settings, read from the environment as the service does."""
-    spec = importlib.import_module(f"{name}_service.__main__").SPEC
-    module = importlib.import_module(f"{name}_service.settings")
-    classes = [v for v in vars(module).values()
-               if isinstance(v, type) and issubclass(v, ServiceSettings)
-               and v.__module__ == module.__name__]
-    return spec, classes[0]()
 
 
 @app.command()
@@ -47,19 +36,19 @@ def setup(
     changing a password. The administrator is tagged `impersonator`, so that `shop dlq
     replay` sends a dead letter back as its producer sent it.
     """
-    from common.ops.cli import SERVICES  # the list the CLI runs; importing it at the top would loop
-
     admin = ServiceSettings()
     topology = Topology(admin.name_prefix)
-    names = services or SERVICES
-    unknown = sorted(set(names) - set(SERVICES))
+    installed = discovery.services()
+    unknown = sorted(set(services or ()) - set(installed))
     if unknown:
-        raise fail(f"unknown service {', '.join(unknown)}; one of {', '.join(SERVICES)}")
-    found = {name: _service(name) for name in names}
-    grants = [grant_for(spec, topology, observer=bool(spec.audit_handlers))
-              for spec, _settings in found.values()]
+        raise fail(f"unknown service {', '.join(unknown)}; one of {', '.join(installed)}")
+    # Each service's settings read from the environment as the service reads them.
+    found = {name: (service, service.settings()) for name, service in installed.items()
+             if not services or name in services}
+    grants = [grant_for(service.spec(settings), topology, observer=bool(service.tracked))
+              for service, settings in found.values()]
     passwords = {name: settings.broker_password.get_secret_value()
-                 for name, (_spec, settings) in found.items()
+                 for name, (_service, settings) in found.items()
                  if settings.broker_password is not None}
     try:
         done = asyncio.run(apply(admin, grants, passwords))

@@ -1,44 +1,50 @@
-"""The `shop` command: runs the services and mounts each service's own commands."""
+"""The `shop` command: runs the services and mounts each service's own commands.
+
+The services are the installed ones (`common.kit.discovery`): none is named here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import os
 import signal
 import sys
-from enum import StrEnum
+import zlib
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.text import Text
 
+from common.kit import discovery
 from common.kit.broker import connect, safe_url
 from common.kit.logging import configure_logging
 from common.kit.settings import ServiceSettings
 from common.ops.broker_cli import app as broker_app
 from common.ops.catchup_cli import catch_up
-from common.ops.cli_support import plain_console
+from common.ops.cli_support import fail, plain_console
 from common.ops.dlq_cli import app as dlq_app
 from common.ops.doctor import doctor
 from common.ops.events_cli import app as events_app
 from common.ops.queues_cli import queues
-from inventory_service.cli import app as inventory_app
-from logistics_service.cli import app as logistics_app
-from order_service.cli import app as order_app
-from seller_service.cli import app as seller_app
 
 app = typer.Typer(
     help="A choreographed order platform on RabbitMQ: run it, place orders, watch the flow.",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-app.add_typer(order_app, name="order", help="Place orders and see who handled them.")
-app.add_typer(inventory_app, name="inventory", help="Stock levels (the inventory service).")
-app.add_typer(logistics_app, name="logistics", help="Shipments (the logistics service).")
-app.add_typer(seller_app, name="seller", help="Sellers' inboxes (the seller service).")
+
+
+def _mount_services() -> None:
+    """`shop NAME ...`: each installed service's own commands, under its name."""
+    for name, service in discovery.services().items():
+        commands = service.commands()
+        if commands is not None:
+            app.add_typer(commands, name=name)
+
+
+_mount_services()
 app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge.")
 app.add_typer(broker_app, name="broker", help="Broker users: one per service, least privilege.")
 app.add_typer(events_app, name="events", help="Event contracts: producers, subscribers, AsyncAPI.")
@@ -49,22 +55,26 @@ app.command("catch-up")(catch_up)
 err = plain_console(stderr=True)
 
 
-class ServiceName(StrEnum):
-    order = "order"
-    inventory = "inventory"
-    logistics = "logistics"
-    seller = "seller"
+#: Each service's lines in `shop up` get one of these, chosen by its name.
+_COLOURS = ("cyan", "green", "magenta", "yellow", "blue", "bright_cyan", "bright_green",
+            "bright_magenta", "bright_yellow", "bright_blue")
 
 
-SERVICES = [s.value for s in ServiceName]
-_COLOURS = {"order": "cyan", "inventory": "green", "logistics": "magenta", "seller": "yellow"}
+def colour_of(name: str) -> str:
+    """A service's colour in `shop up`: the same name, the same colour, every run."""
+    return _COLOURS[zlib.crc32(name.encode()) % len(_COLOURS)]
 
 
 @app.command()
-def run(service: Annotated[ServiceName, typer.Argument(help="Which service to run.")]) -> None:
-    """Run one service in the foreground (the same as `python -m <service>_service`)."""
-    module = importlib.import_module(f"{service.value}_service.__main__")
-    module.main()
+def run(service: Annotated[str, typer.Argument(
+        help="Which service to run (an installed one: see `shop up`).", show_default=False,
+        autocompletion=discovery.names)]) -> None:
+    """Run one service in the foreground (what `shop up` runs in a process of its own)."""
+    try:
+        found = discovery.service(service)
+    except discovery.UnknownServiceError as exc:
+        raise fail(str(exc)) from None
+    found.main()
 
 
 @app.command()
@@ -72,7 +82,7 @@ def up(
     broker_wait: Annotated[float, typer.Option(help="Seconds to wait for RabbitMQ.")] = 60.0,
     stop_timeout: Annotated[float, typer.Option(help="Seconds each service gets to stop.")] = 15.0,
 ) -> None:
-    """Run all four services as separate processes, their logs interleaved.
+    """Run every installed service as a process of its own, their logs interleaved.
 
     Ctrl-C or SIGTERM stops them all cleanly.
     """
@@ -99,13 +109,17 @@ async def _supervise(stop_timeout: float) -> int:
     terminal = sys.stdout.isatty()
     if terminal:
         env.setdefault("LOG_FORMAT", "console")
+    names = discovery.names()
+    if not names:
+        err.print("no service is installed: `make install` registers them", style="red")
+        return 1
     children: dict[str, asyncio.subprocess.Process] = {}
-    for name in SERVICES:
+    for name in names:
         children[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"{name}_service", env=env,
+            sys.executable, "-m", "common.kit", name, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
-    width = max(map(len, SERVICES))
+    width = max(map(len, names))
     pumps = [asyncio.create_task(_pump(name, proc, width, colour=terminal))
              for name, proc in children.items()]
     stopping = asyncio.Event()
@@ -145,7 +159,7 @@ async def _pump(name: str, proc: asyncio.subprocess.Process, width: int, *,
         return
     prefix = f"{name:<{width}} | "
     if colour:
-        prefix = typer.style(prefix, fg=_COLOURS.get(name, "white"), bold=True)
+        prefix = typer.style(prefix, fg=colour_of(name), bold=True)
     async for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
         sys.stdout.write(prefix + line + "\n")

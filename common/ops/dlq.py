@@ -33,15 +33,15 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 from yarl import URL
 
 from common.events import DeliveryReceipt
+from common.kit import discovery
 from common.kit.broker import Publisher, connect, sender_of
 from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
 from common.ops.observe import (
-    BUILTIN_SERVICES,
     ManagementApi,
-    builtin_queues,
     dead_letter_queue,
     management_queue_names,
+    service_queues,
 )
 
 #: Who the replay receipts say produced them.
@@ -253,28 +253,29 @@ def replay_receipt(letter: DeadLetter, service: str, now: datetime | None = None
 
 # --- which queues -------------------------------------------------------------------------
 
-def builtin_dead_letter_queues(prefix: str, service: str) -> list[str]:
-    """A built-in service's dead-letter queues, from its handler table (and, for the order
+def service_dead_letter_queues(prefix: str, service: str) -> list[str]:
+    """An installed service's dead-letter queues, from its declaration (and, for the order
     service, the audit queue its tracker consumes)."""
-    return sorted(dead_letter_queue(q) for q in builtin_queues(prefix, service))
+    return sorted(dead_letter_queue(q) for q in service_queues(prefix, service))
 
 
 async def dead_letter_queues(settings: ServiceSettings, service: str) -> list[str]:
     """The dead-letter queues of `service`.
 
-    A built-in service's come from its handler table; any other service (a subscriber added
-    later) is looked up on the broker as `{prefix}{service}.*.dlq` through the management
+    An installed service's come from its declaration; any other (a subscriber installed
+    elsewhere) is looked up on the broker as `{prefix}{service}.*.dlq` through the management
     API. Raises DlqError when the API does not answer or the service has no such queue.
     """
     if not _SERVICE_NAME.match(service):
         raise DlqError(f"{service!r} is not a service name (letters, digits, '-' and '_')")
-    if service in BUILTIN_SERVICES:
-        return builtin_dead_letter_queues(settings.name_prefix, service)
+    installed = discovery.names()
+    if service in installed:
+        return service_dead_letter_queues(settings.name_prefix, service)
     try:
         names = await management_queue_names(settings)
     except (httpx.HTTPError, ValueError) as exc:
         raise DlqError(
-            f"{service!r} is not one of the built-in services ({', '.join(BUILTIN_SERVICES)}); "
+            f"{service!r} is not one of the installed services ({', '.join(installed)}); "
             f"finding its dead-letter queues needs the RabbitMQ management API, which did not "
             f"answer at {_safe(settings.management_url)} ({exc}). "
             "Set RABBITMQ_MANAGEMENT_URL, or enable the management plugin.") from exc
@@ -283,7 +284,7 @@ async def dead_letter_queues(settings: ServiceSettings, service: str) -> list[st
     if not found:
         raise DlqError(
             f"no dead-letter queues for service {service!r}: the broker has no queue named "
-            f"{start}*.dlq. Known services: {', '.join(BUILTIN_SERVICES)}, or any subscriber "
+            f"{start}*.dlq. Installed services: {', '.join(installed)}, or any subscriber "
             "that has run against this broker"
             + (f" with SHOP_NAME_PREFIX={settings.name_prefix!r}." if settings.name_prefix
                else " (SHOP_NAME_PREFIX is empty)."))
@@ -291,10 +292,10 @@ async def dead_letter_queues(settings: ServiceSettings, service: str) -> list[st
 
 
 async def system_dead_letter_queues(settings: ServiceSettings) -> list[str]:
-    """Every dead-letter queue of the system: the built-in services', and when the management
-    API answers, every other `{prefix}*.dlq` on the broker."""
-    names = {q for s in BUILTIN_SERVICES
-             for q in builtin_dead_letter_queues(settings.name_prefix, s)}
+    """Every dead-letter queue of the system: the installed services', and when the
+    management API answers, every other `{prefix}*.dlq` on the broker."""
+    names = {q for s in discovery.names()
+             for q in service_dead_letter_queues(settings.name_prefix, s)}
     with contextlib.suppress(httpx.HTTPError, ValueError):
         names |= {n for n in await management_queue_names(settings)
                   if n.startswith(settings.name_prefix) and n.endswith(".dlq")}

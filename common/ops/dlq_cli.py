@@ -28,7 +28,8 @@ app = typer.Typer(
 )
 
 Service = Annotated[str, typer.Argument(
-    help="The subscriber service: order, inventory, logistics, seller, or one added later.",
+    help="The subscriber service: an installed one (`shop up` runs them), or one that ran "
+         "against this broker.",
     show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 

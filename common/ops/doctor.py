@@ -2,7 +2,7 @@
 
 The broker side is checked from here (AMQP, then the management API or passive declares);
 the registry of subscribers and the late orders come from the order API (`SHOP_API_URL`).
-When the order API does not answer that is a failed check of its own, and the built-in
+When the order API does not answer that is a failed check of its own, and the installed
 services' queues are checked instead of the registry's.
 """
 
@@ -26,7 +26,7 @@ from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
 from common.ops import observe
 from common.ops.cli_support import plain_console
-from order_service.credentials import API_TOKEN_VAR, ApiCredentials
+from common.ops.credentials import API_TOKEN_VAR, ApiCredentials
 
 Status = Literal["ok", "failed", "unknown"]
 
@@ -141,7 +141,7 @@ async def diagnose(settings: ServiceSettings, api: str, *, amqp_wait: float = 3.
         checks.append(Check("order API answers", "failed", from_api.error or "no answer"))
 
     registry = from_api.registry
-    # Without the registry, the built-in services' queues are what is expected.
+    # Without the registry, the installed services' queues are what is expected.
     kit = ([Topology(prefix).audit_queue] if registry is not None
            else observe.system_queue_names(prefix))
     expected = {q for s in registry or () for q in s.consumes.values()} | set(kit)
@@ -193,7 +193,7 @@ def _consumed(snapshot: observe.BrokerSnapshot, report: observe.SystemReport,
             wrong.append(f"{queue}{whose} does not exist")
         elif consumers == 0:
             wrong.append(f"{queue}{whose} has no consumer")
-    scope = "" if registry_known else " (registry unknown: the built-in services' queues)"
+    scope = "" if registry_known else " (registry unknown: the installed services' queues)"
     if wrong:
         return Check(name, "failed", f"{len(wrong)} of {len(queues)} queue(s){scope}",
                      _listed(wrong))

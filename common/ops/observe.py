@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import importlib
 import itertools
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
 from common.events import EVENT_TYPES, SubscriberAnnounced
+from common.kit import discovery
 from common.kit.broker import connect, safe_url
 from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology, history_of
@@ -37,9 +37,6 @@ from common.kit.topology import Topology, history_of
 Source = Literal["management API", "amqp"]
 MANAGEMENT: Source = "management API"
 AMQP: Source = "amqp"
-
-#: The services of this repository; their queues come from their handler tables.
-BUILTIN_SERVICES = ("order", "inventory", "logistics", "seller")
 
 #: A subscriber is stale when its last announcement is older than this many intervals.
 STALE_AFTER_INTERVALS = 3
@@ -57,22 +54,20 @@ _QUEUE_COLUMNS = ",".join((
 
 # --- which queues and exchanges -----------------------------------------------------------
 
-def builtin_queues(prefix: str, service: str) -> list[str]:
-    """A built-in service's queues, from its handler table (and, for the service with the
+def service_queues(prefix: str, name: str) -> list[str]:
+    """An installed service's queues, from its declaration (and, for the service with the
     tracker, the audit queue)."""
     topology = Topology(prefix)
-    # Imported when asked, not at import time: the order service's own API imports this
-    # module, and the kit must not depend on any service to load.
-    spec = importlib.import_module(f"{service}_service.__main__").SPEC
-    queues = [topology.queue(spec.name, cls) for cls in spec.handlers]
-    if spec.audit_handlers:
+    service = discovery.service(name)
+    queues = [topology.queue(service.name, cls) for cls in service.consumes]
+    if service.tracked:
         queues.append(topology.audit_queue)
     return sorted(queues)
 
 
 def system_queue_names(prefix: str) -> list[str]:
-    """Every queue the built-in services declare and consume."""
-    return sorted({q for service in BUILTIN_SERVICES for q in builtin_queues(prefix, service)})
+    """Every queue the installed services declare and consume."""
+    return sorted({q for name in discovery.names() for q in service_queues(prefix, name)})
 
 
 def event_exchanges(prefix: str) -> list[str]:

@@ -35,7 +35,7 @@ err = plain_console(stderr=True)
 
 
 def queue_names(prefix: str, snapshot: observe.BrokerSnapshot) -> list[str]:
-    """The built-in services' queues, and any other consumed queue the broker lists."""
+    """The installed services' queues, and any other consumed queue the broker lists."""
     names = set(observe.system_queue_names(prefix))
     if snapshot.listed_all:
         names |= set(snapshot.discovered(prefix))

@@ -54,12 +54,12 @@ class System:
         return self.log.read_text(errors="replace")[-5000:]
 
     def service_pid(self, service: str) -> int:
-        """The process id of one service that `shop up` started (`python -m <service>_service`)."""
+        """The process id of one service that `shop up` started (`python -m common.kit NAME`)."""
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         for pid in children.read_text().split():
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if f"{service}_service".encode() in argv:
+                if argv[-3:-1] == [b"common.kit", service.encode()]:
                     return int(pid)
         raise AssertionError(f"shop up runs no {service} service process")
 

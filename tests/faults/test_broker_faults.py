@@ -14,7 +14,7 @@ import time
 import pytest
 
 from common.kit.topology import Topology
-from order_service.__main__ import SPEC as ORDER_SPEC
+from order_service.service import service as order
 from tests.faults.support import (
     DEFAULT_WATERMARK,
     SYSTEM,
@@ -38,7 +38,7 @@ def consumed_queues(shop: Shop) -> list[str]:
     """Every queue a service of the shop consumes: each subscriber's OrderPlaced queue, the
     order service's outcome queues and the tracker's audit queue."""
     topology = Topology(shop.prefix)
-    order_queues = [topology.queue(ORDER_SPEC.name, cls) for cls in ORDER_SPEC.handlers]
+    order_queues = [topology.queue(order.name, cls) for cls in order.consumes]
     return sorted([shop.queue(s) for s in shop.subscribers] + order_queues
                   + [topology.audit_queue])
 

@@ -10,6 +10,7 @@ import aio_pika
 import pytest
 
 from common.kit.db import create_tables, make_engine
+from common.kit.declare import Service
 from common.kit.runner import Runtime, ServiceRunner
 from common.kit.service import ServiceSpec
 from common.kit.settings import ServiceSettings
@@ -34,12 +35,17 @@ async def amqp(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnec
 @pytest.fixture
 async def start_service(amqp_url: str, management_url: str, name_prefix: str, tmp_path: Path
                         ) -> AsyncIterator[StartService]:
-    """Start services in-process; stop them and delete everything they declared afterwards."""
+    """Start services in-process (a declared `Service`, or a bare spec with its settings
+    class); stop them and delete everything they declared afterwards."""
     runners: list[ServiceRunner[Any]] = []
 
-    async def start(spec: ServiceSpec[Any], settings_cls: type[ServiceSettings] = ServiceSettings,
+    async def start(service: Service[Any] | ServiceSpec[Any],
+                    settings_cls: type[ServiceSettings] = ServiceSettings,
                     **overrides: Any) -> Runtime[Any]:
+        if isinstance(service, Service):
+            settings_cls = service.settings_class
         settings = settings_for(settings_cls, amqp_url, name_prefix, tmp_path, **overrides)
+        spec = service.spec(settings) if isinstance(service, Service) else service
         runner = ServiceRunner(spec, settings, broker_wait=10)
         runners.append(runner)
         return await runner.__aenter__()

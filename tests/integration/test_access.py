@@ -28,19 +28,18 @@ from common.kit.service import ServiceSpec
 from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
 from common.ops.access import apply, declare_shared, grant_for, remove
-from inventory_service.__main__ import SPEC as INVENTORY
-from inventory_service.settings import InventorySettings
-from logistics_service.__main__ import SPEC as LOGISTICS
-from logistics_service.settings import LogisticsSettings
-from order_service.__main__ import SPEC as ORDER
-from order_service.settings import OrderSettings
+from inventory_service.service import service as inventory
+from logistics_service.service import service as logistics
+from order_service.service import service as order
 from order_service.store import OrderStore
-from seller_service.__main__ import SPEC as SELLER
-from seller_service.settings import SellerSettings
+from seller_service.service import service as seller
 from tests.factories import make_line, make_order
 from tests.integration.support import StartService, wait_for
 
 pytestmark = pytest.mark.integration
+
+#: What each service declares, as `shop broker setup` reads it for the grants.
+ORDER, INVENTORY, LOGISTICS, SELLER = (s.spec() for s in (order, inventory, logistics, seller))
 
 Provision = Callable[[Sequence[ServiceSpec[Any]]], Awaitable[dict[str, str]]]
 
@@ -84,10 +83,9 @@ async def test_services_with_users_of_their_own_take_an_order_through(
     reserved, shipped and notified, and every subscriber's receipt reaches the tracker."""
     passwords = await users([ORDER, INVENTORY, LOGISTICS, SELLER])
     runtimes: dict[str, Runtime[Any]] = {}
-    for spec, cls in ((INVENTORY, InventorySettings), (LOGISTICS, LogisticsSettings),
-                      (SELLER, SellerSettings), (ORDER, OrderSettings)):
-        runtimes[spec.name] = await start_service(spec, cls,
-                                                  broker_password=passwords[spec.name])
+    for service in (inventory, logistics, seller, order):
+        runtimes[service.name] = await start_service(service,
+                                                     broker_password=passwords[service.name])
     order_rt = runtimes["order"]
     assert order_rt.publisher is not None
     assert order_rt.publisher.user_id == f"{name_prefix}order"
@@ -220,7 +218,7 @@ async def test_the_tracker_parks_what_the_broker_does_not_vouch_for(
     it never placed are each parked as dead letters with the reason; the seller's own
     announcement is registered."""
     passwords = await users([ORDER, INVENTORY, SELLER])
-    order_rt = await start_service(ORDER, OrderSettings, broker_password=passwords["order"])
+    order_rt = await start_service(order, broker_password=passwords["order"])
     topology = order_rt.topology
 
     async def publish_as(service: str | None, *events: Event) -> None:
@@ -234,19 +232,19 @@ async def test_the_tracker_parks_what_the_broker_does_not_vouch_for(
         finally:
             await connection.close()
 
-    order = make_order(producer="order")
+    placed = make_order(producer="order")
     for_inventory = DeliveryReceipt(
         subscriber="inventory", queue=topology.queue("inventory", OrderPlaced),
-        handled_event_id=str(order.event_id), handled_event_type="OrderPlaced",
-        outcome="handled", received_at=order.occurred_at, duration_ms=1,
-        correlation_id=str(order.order_id), producer="seller")
+        handled_event_id=str(placed.event_id), handled_event_type="OrderPlaced",
+        outcome="handled", received_at=placed.occurred_at, duration_ms=1,
+        correlation_id=str(placed.order_id), producer="seller")
     ghost = SubscriberAnnounced(subscriber="ghost", instance="x", producer="seller",
                                 consumes={"OrderPlaced": topology.queue("ghost", OrderPlaced)})
     honest = SubscriberAnnounced(subscriber="seller", instance="x", producer="seller",
                                  consumes={"OrderPlaced": topology.queue("seller", OrderPlaced)})
     await publish_as("seller", for_inventory,
                      for_inventory.model_copy(update={"producer": "inventory"}), ghost, honest)
-    stray = StockReserved(order_id=order.order_id, correlation_id=str(order.order_id),
+    stray = StockReserved(order_id=placed.order_id, correlation_id=str(placed.order_id),
                           lines=(ReservedLine(sku="SKU-1", quantity=1),), producer="inventory")
     await publish_as("inventory", stray)
     await publish_as(None, stray.model_copy(update={"event_id": uuid.uuid4()}))

@@ -28,8 +28,7 @@ from common.kit.topology import Topology
 from common.ops import catchup
 from common.ops.access import apply, declare_shared, grant_for, remove
 from common.ops.observe import ManagementApi
-from order_service.__main__ import SPEC as ORDER
-from order_service.settings import OrderSettings
+from order_service.service import service as order
 from order_service.store import OrderStore, deliveries
 from tests.factories import make_order
 from tests.integration.support import StartService, wait_for
@@ -90,7 +89,7 @@ def operator(amqp_url: str, management_url: str, name_prefix: str) -> ServiceSet
 
 @pytest.fixture
 async def order_rt(start_service: StartService) -> Runtime[OrderStore]:
-    return await start_service(ORDER, OrderSettings)
+    return await start_service(order)
 
 
 async def bystander(amqp: aio_pika.abc.AbstractConnection, prefix: str
@@ -255,9 +254,9 @@ async def users(operator: ServiceSettings, name_prefix: str
     the test's prefix, deleted afterwards (the machine's administrator is left as it is).
     Ask for it before `start_service`, so the services stop before their users go."""
     topology = Topology(name_prefix)
-    passwords = {spec.name: secrets.token_urlsafe(16) for spec in (ORDER, LATE)}
-    grants = [grant_for(spec, topology, observer=bool(spec.audit_handlers))
-              for spec in (ORDER, LATE)]
+    specs = (order.spec(order.settings()), LATE)
+    passwords = {spec.name: secrets.token_urlsafe(16) for spec in specs}
+    grants = [grant_for(spec, topology, observer=bool(spec.audit_handlers)) for spec in specs]
     await apply(operator, grants, passwords, operator_impersonates=False)
     await declare_shared(operator, topology)
     user, password = f"{name_prefix}operator", secrets.token_urlsafe(16)
@@ -284,7 +283,7 @@ async def test_where_services_have_users_copies_keep_their_producer_only_for_an_
     impersonator sends each copy as the order service's user, and the subscriber handles
     them (none is parked as forged)."""
     passwords, impersonator = users
-    order_rt = await start_service(ORDER, OrderSettings, broker_password=passwords["order"])
+    order_rt = await start_service(order, broker_password=passwords["order"])
     before = await place(order_rt, 3)
     late = await start_service(LATE, LateSettings, broker_password=passwords["late"])
 

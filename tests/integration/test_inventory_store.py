@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.events import ReservedLine, StockReservationFailed, StockReserved
 from common.kit.db import create_tables, make_engine
-from inventory_service.handlers import reserve_stock
+from inventory_service.service import reserve_stock
 from inventory_service.store import (
     DEMO_CATALOGUE,
     ReservationConflictError,
@@ -140,9 +140,9 @@ async def test_handler_on_the_real_store(engine: AsyncEngine) -> None:
         await StockStore(conn).set_stock("A", 3)
         await StockStore(conn).set_stock("B", 1)
     async with engine.begin() as conn:
-        [ok] = await reserve_stock(make_order(make_line("A", 2)), StockStore(conn))
+        ok = await reserve_stock(make_order(make_line("A", 2)), StockStore(conn))
     async with engine.begin() as conn:
-        [failed] = await reserve_stock(make_order(make_line("A", 1), make_line("B", 2)),
+        failed = await reserve_stock(make_order(make_line("A", 1), make_line("B", 2)),
                                        StockStore(conn))
     assert isinstance(ok, StockReserved)
     assert isinstance(failed, StockReservationFailed)
@@ -161,7 +161,7 @@ async def test_a_multi_line_order_is_reserved_line_by_line(engine: AsyncEngine) 
     order = make_order(make_line("C", 1), make_line("A", 2, seller="s1"), make_line("B", 3),
                        make_line("A", 1, seller="s2"))
     async with engine.begin() as conn:
-        [reserved] = await reserve_stock(order, StockStore(conn))
+        reserved = await reserve_stock(order, StockStore(conn))
     assert isinstance(reserved, StockReserved)
     assert sorted((ln.sku, ln.quantity) for ln in reserved.lines) == [
         ("A", 3), ("B", 3), ("C", 1)]

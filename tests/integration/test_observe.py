@@ -30,15 +30,12 @@ from common.kit.runner import Runtime, ServiceRunner
 from common.kit.service import ServiceSpec
 from common.kit.settings import ServiceSettings
 from common.ops import cli, observe
-from inventory_service.__main__ import SPEC as INVENTORY
-from inventory_service.settings import InventorySettings
-from logistics_service.__main__ import SPEC as LOGISTICS
-from logistics_service.settings import LogisticsSettings
-from order_service.__main__ import SPEC as ORDER
+from inventory_service.service import service as inventory
+from logistics_service.service import service as logistics
 from order_service.api import create_app
+from order_service.service import service as order_svc
 from order_service.settings import OrderSettings
-from seller_service.__main__ import SPEC as SELLER
-from seller_service.settings import SellerSettings
+from seller_service.service import service as seller
 from tests.integration.support import StartService, serve_app, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
@@ -76,8 +73,7 @@ async def shop(env: dict[str, str], *args: str) -> Result:
 
 async def start_order(start_service: StartService, management_url: str, **overrides: Any
                       ) -> Runtime[Any]:
-    return await start_service(ORDER, OrderSettings, management_url=management_url,
-                               **overrides)
+    return await start_service(order_svc, management_url=management_url, **overrides)
 
 
 async def registry(order: Runtime[Any], names: set[str]) -> bool:
@@ -138,11 +134,11 @@ async def test_a_stopped_subscriber_makes_orders_pending_then_late_and_doctor_fa
         tmp_path: Path, env: dict[str, str], client_factory: Any) -> None:
     """Logistics stops: a new order waits for it (pending), then it is late (ORDER_LATE_AFTER);
     the summaries, `--wait` and `shop doctor` (exit 1, naming the queue) all say so."""
-    await start_service(INVENTORY, InventorySettings)
-    await start_service(SELLER, SellerSettings)
-    logistics = ServiceRunner(LOGISTICS, settings_for(LogisticsSettings, amqp_url, name_prefix,
-                                                      tmp_path), broker_wait=10)
-    await logistics.__aenter__()
+    await start_service(inventory)
+    await start_service(seller)
+    settings = settings_for(logistics.settings_class, amqp_url, name_prefix, tmp_path)
+    stopped = ServiceRunner(logistics.spec(settings), settings, broker_wait=10)
+    await stopped.__aenter__()
     try:
         order = await start_order(start_service, management_url, late_after=2.0)
         await wait_for(lambda: registry(order, SUBSCRIBERS), what="the registry")
@@ -157,7 +153,7 @@ async def test_a_stopped_subscriber_makes_orders_pending_then_late_and_doctor_fa
             # The control: with everyone consuming, the doctor is happy.
             await wait_for(lambda: doctor_says(0), timeout=20, interval=0.5,
                            what="shop doctor to find the system healthy")
-            await logistics.stop()
+            await stopped.stop()
             client = client_factory(order)
             order_id = await place(client)
             first = (await client.get(f"/orders/{order_id}")).json()
@@ -198,7 +194,7 @@ async def test_a_stopped_subscriber_makes_orders_pending_then_late_and_doctor_fa
             assert f"logistics: its queue {queue} has no consumer" in " ".join(
                 report["problems"])
     finally:
-        await logistics.stop()
+        await stopped.stop()
 
 
 async def _answered(client: httpx.AsyncClient, order_id: str, names: set[str]
@@ -278,7 +274,7 @@ async def test_a_queue_bound_by_hand_is_reported_as_unannounced(
         client_factory: Any) -> None:
     """A queue bound to order.placed that no subscriber announced: `GET /system` and
     `shop doctor` both report it, with its exchange."""
-    await start_service(INVENTORY, InventorySettings)
+    await start_service(inventory)
     order = await start_order(start_service, management_url)
     await wait_for(lambda: registry(order, {"inventory"}), what="the registry")
     client = client_factory(order)
@@ -330,9 +326,9 @@ async def test_doctor_without_the_order_api_fails_that_check_and_still_checks_th
 # --- shop queues, the trace -------------------------------------------------------------
 
 async def start_system(start_service: StartService, management_url: str) -> Runtime[Any]:
-    await start_service(INVENTORY, InventorySettings)
-    await start_service(LOGISTICS, LogisticsSettings)
-    await start_service(SELLER, SellerSettings)
+    await start_service(inventory)
+    await start_service(logistics)
+    await start_service(seller)
     order = await start_order(start_service, management_url)
     await wait_for(lambda: registry(order, SUBSCRIBERS), what="the registry")
     return order
@@ -442,7 +438,7 @@ async def test_without_the_management_api_passive_declares_stand_in(
     """The management API away: `GET /system` and `shop queues` say so and read counts and
     consumers by AMQP passive declares (no unacked, no rates, no bindings)."""
     away = "http://guest:guest@127.0.0.1:9/"
-    await start_service(INVENTORY, InventorySettings)
+    await start_service(inventory)
     order = await start_order(start_service, away)
     await wait_for(lambda: registry(order, {"inventory"}), what="the registry")
     client = client_factory(order)
@@ -451,10 +447,10 @@ async def test_without_the_management_api_passive_declares_stand_in(
     assert "management API at http://guest:***@127.0.0.1:9/ not reachable" in (
         report["broker"]["error"])
     assert report["bindings_known"] is False
-    [inventory] = [s for s in report["subscribers"] if s["name"] == "inventory"]
-    assert inventory["queues"] == [{"queue": f"{name_prefix}inventory.order.placed",
-                                    "exists": True, "consumers": 1, "ready": 0,
-                                    "unacked": None, "dead_letters": 0}]
+    [subscriber] = [s for s in report["subscribers"] if s["name"] == "inventory"]
+    assert subscriber["queues"] == [{"queue": f"{name_prefix}inventory.order.placed",
+                                     "exists": True, "consumers": 1, "ready": 0,
+                                     "unacked": None, "dead_letters": 0}]
 
     result = await shop({**env, "RABBITMQ_MANAGEMENT_URL": away}, "queues", "--json")
     assert result.exit_code == 0, result.output

@@ -27,7 +27,7 @@ from order_service.api import (
     settle_forever,
 )
 from order_service.domain import NewOrder, place_order
-from order_service.handlers import AUDIT_HANDLERS
+from order_service.service import service
 from order_service.settings import OrderSettings
 from order_service.store import OrderStore, Position, metadata, orders
 from tests.factories import make_address, make_line
@@ -73,8 +73,10 @@ async def client(runtime: FakeRuntime, settings: OrderSettings
 
 
 async def audit(runtime: FakeRuntime, event: Event) -> None:
+    """What the order service's tracker does with an audit event, in one transaction."""
+    spec = service.spec(runtime.settings)
     async with runtime.engine.begin() as conn:
-        await AUDIT_HANDLERS[type(event)](event, OrderStore(conn))
+        await spec.audit_handlers[type(event)](event, spec.store(conn))
 
 
 def test_fake_runtime_satisfies_the_protocol(runtime: FakeRuntime) -> None:

@@ -6,25 +6,30 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import aio_pika
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.events import Event, OrderPlaced
+from common.events import (
+    EVENT_TYPES,
+    Event,
+    OrderPlaced,
+    SellerNotified,
+    ShipmentScheduled,
+    StockReserved,
+)
+from common.kit.declare import Service
 from common.kit.runner import Runtime
-from common.kit.service import ServiceSpec
-from inventory_service.__main__ import SPEC as INVENTORY
-from inventory_service.settings import InventorySettings
+from common.kit.topology import Topology
+from inventory_service.service import service as inventory
 from inventory_service.store import StockStore
-from logistics_service.__main__ import SPEC as LOGISTICS
-from logistics_service.settings import LogisticsSettings
+from logistics_service.service import service as logistics
 from logistics_service.store import ShipmentStore
-from order_service.__main__ import SPEC as ORDER
 from order_service.domain import NewOrder, OrderStatus, place_order
-from order_service.settings import OrderSettings
+from order_service.service import service as order
 from order_service.store import OrderStore
-from seller_service.__main__ import SPEC as SELLER
-from seller_service.settings import SellerSettings
+from seller_service.service import service as seller
 from seller_service.store import InboxStore
 from tests.factories import make_address, make_line
 from tests.integration.support import StartService, wait_for
@@ -44,13 +49,12 @@ class PointsStore:
         self.conn = conn
 
 
-async def award_points(event: OrderPlaced, store: PointsStore) -> Sequence[Event]:
+loyalty = Service("loyalty", store=PointsStore, tables=loyalty_metadata)
+
+
+@loyalty.handles(OrderPlaced)
+async def award_points(event: OrderPlaced, store: PointsStore) -> None:
     await store.conn.execute(insert(points).values(order_id=str(event.order_id)))
-    return []
-
-
-LOYALTY = ServiceSpec(name="loyalty", handlers={OrderPlaced: award_points}, store=PointsStore,
-                      metadata=loyalty_metadata)
 
 
 def new_order(*lines: tuple[str, int, str, str]) -> NewOrder:
@@ -93,10 +97,10 @@ async def complete(order_rt: Runtime[Any], order_id: uuid.UUID) -> OrderStatus |
 
 async def start_system(start_service: StartService) -> dict[str, Runtime[Any]]:
     runtimes = {
-        "inventory": await start_service(INVENTORY, InventorySettings),
-        "logistics": await start_service(LOGISTICS, LogisticsSettings),
-        "seller": await start_service(SELLER, SellerSettings),
-        "order": await start_service(ORDER, OrderSettings),
+        "inventory": await start_service(inventory),
+        "logistics": await start_service(logistics),
+        "seller": await start_service(seller),
+        "order": await start_service(order),
     }
     await wait_for(lambda: registered(runtimes["order"], {"inventory", "logistics", "seller"}),
                    what="the three subscribers in the registry")
@@ -134,6 +138,35 @@ async def test_one_order_reaches_every_subscriber_once(start_service: StartServi
     assert [n.order_id for n in home].count(event.order_id) == 1
 
 
+async def test_every_outcome_is_in_the_orders_flow_caused_by_its_order_placed(
+        start_service: StartService, amqp: aio_pika.abc.AbstractRobustConnection,
+        name_prefix: str) -> None:
+    """What each subscriber publishes carries the order's correlation id, its OrderPlaced as
+    cause and the subscriber as producer: the kit fills them in, the handlers do not."""
+    rts = await start_system(start_service)
+    channel = await amqp.channel()
+    copies = await channel.declare_queue(exclusive=True)  # a copy of every outcome, ours only
+    for cls in (StockReserved, ShipmentScheduled, SellerNotified):
+        await copies.bind(Topology(name_prefix).exchange(cls))
+    placed = await place(rts["order"], new_order(("SKU-BOOK-1", 1, "12.50", "seller-books")))
+    outcomes: dict[str, Event] = {}
+
+    async def all_three() -> bool:
+        message = await copies.get(no_ack=True, fail=False)
+        if message is not None:
+            event = EVENT_TYPES[message.type or ""].model_validate_json(message.body)
+            outcomes[event.event_type] = event
+        return len(outcomes) == 3
+
+    await wait_for(all_three, what="StockReserved, ShipmentScheduled and SellerNotified")
+    assert {name: e.producer for name, e in outcomes.items()} == {
+        "StockReserved": "inventory", "ShipmentScheduled": "logistics",
+        "SellerNotified": "seller"}
+    for event in outcomes.values():
+        assert event.correlation_id == placed.correlation_id
+        assert event.causation_id == placed.event_id
+
+
 async def _with_outcomes(order_rt: Runtime[Any], order_id: uuid.UUID,
                          kinds: set[str]) -> OrderStatus | None:
     found = await status(order_rt, order_id)
@@ -157,7 +190,7 @@ async def test_a_subscriber_added_later_shows_up_with_no_change_to_the_order_ser
         start_service: StartService) -> None:
     """A fourth service, defined only here, gets the same events and appears in the status."""
     rts = await start_system(start_service)
-    loyalty = await start_service(LOYALTY)
+    loyalty_rt = await start_service(loyalty)
     await wait_for(lambda: registered(rts["order"], {"loyalty"}), what="loyalty to register")
     event = await place(rts["order"], new_order(("SKU-BOOK-1", 1, "12.50", "seller-books")))
     final = await wait_for(lambda: complete(rts["order"], event.order_id),
@@ -166,7 +199,7 @@ async def test_a_subscriber_added_later_shows_up_with_no_change_to_the_order_ser
     assert by_name["loyalty"].status == "handled"
     assert by_name["loyalty"].expected
     assert set(by_name) == {"inventory", "logistics", "seller", "loyalty"}
-    async with loyalty.engine.connect() as conn:
+    async with loyalty_rt.engine.connect() as conn:
         count = (await conn.execute(select(func.count()).select_from(points).where(
             points.c.order_id == str(event.order_id)))).scalar_one()
     assert count == 1

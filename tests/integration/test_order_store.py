@@ -29,7 +29,7 @@ from common.kit.db import UTCDateTime, create_tables, make_engine
 from common.kit.outbox import kit_metadata, outbox
 from common.kit.service import RejectedError
 from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
-from order_service.handlers import AUDIT_HANDLERS, HANDLERS, PRODUCERS
+from order_service.service import PRODUCERS, service
 from order_service.store import (
     OrderStore,
     deliveries,
@@ -47,6 +47,8 @@ T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 PLACED_AT = T0 + timedelta(minutes=10)
 #: The one line of every order placed here.
 LINE = make_line("SKU-1", 2, price="3.50", seller="s1")
+#: The order service as the kit runs it: its handlers, called with a delivery's store.
+ORDER = service.spec()
 
 
 @pytest.fixture
@@ -60,11 +62,11 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 async def deliver(engine: AsyncEngine, event: Event) -> None:
     """What the kit does: the handler for the event's type, in one transaction, the event
     stamped by the service that produces it."""
-    handler = {**HANDLERS, **AUDIT_HANDLERS}[type(event)]
+    handler = {**ORDER.handlers, **ORDER.audit_handlers}[type(event)]
     if event.producer is None and type(event) in PRODUCERS:
         event = event.model_copy(update={"producer": PRODUCERS[type(event)]})
     async with engine.begin() as conn:
-        assert list(await handler(event, OrderStore(conn))) == []
+        assert list(await handler(event, ORDER.store(conn))) == []
 
 
 async def place(engine: AsyncEngine, at: datetime = PLACED_AT) -> OrderPlaced:
@@ -105,11 +107,12 @@ def by_name(st: OrderStatus) -> dict[str, str]:
     return {s.name: s.status for s in st.subscribers}
 
 
-async def test_handler_tables_cover_the_outcome_and_audit_events() -> None:
-    """The order service consumes the four outcome events and the three audit events."""
-    assert set(HANDLERS) == {StockReserved, StockReservationFailed, ShipmentScheduled,
-                             SellerNotified}
-    assert set(AUDIT_HANDLERS) == {SubscriberAnnounced, DeliveryReceipt, DeliveryReceipts}
+async def test_the_order_service_handles_the_outcome_and_audit_events() -> None:
+    """The order service consumes the four outcome events and tracks the three audit
+    events."""
+    assert set(service.consumes) == {StockReserved, StockReservationFailed,
+                                     ShipmentScheduled, SellerNotified}
+    assert set(service.tracked) == {SubscriberAnnounced, DeliveryReceipt, DeliveryReceipts}
 
 
 async def test_announcement_registers_and_refreshes_without_moving_first_seen(

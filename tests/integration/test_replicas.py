@@ -8,6 +8,7 @@ import json
 import random
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
@@ -25,9 +26,7 @@ from common.kit.broker import Publisher
 from common.kit.outbox import inbox
 from common.kit.service import ServiceSpec
 from common.kit.topology import Topology
-from inventory_service.__main__ import SPEC
-from inventory_service.handlers import reserve_stock
-from inventory_service.settings import InventorySettings
+from inventory_service.service import service as inventory
 from inventory_service.store import DEMO_CATALOGUE, StockStore, reservations, stock
 from tests.factories import make_line, make_order
 from tests.integration.support import StartService, wait_for
@@ -38,14 +37,16 @@ ORDERS = 200
 SKUS = [f"REPLICA-{n}" for n in range(5)]
 
 
-def counting_spec(calls: Counter[str], replica: str) -> ServiceSpec[StockStore]:
+def counting_spec(calls: Counter[str], replica: str) -> ServiceSpec[Any]:
     """The inventory service as deployed, its handler counting the calls of this replica."""
+    spec = inventory.spec()
+    reserve_stock = spec.handlers[OrderPlaced]
 
-    async def reserve_and_count(event: OrderPlaced, store: StockStore) -> list[Event]:
+    async def reserve_and_count(event: OrderPlaced, delivery: Any) -> Sequence[Event]:
         calls[replica] += 1
-        return await reserve_stock(event, store)
+        return await reserve_stock(event, delivery)
 
-    return dataclasses.replace(SPEC, handlers={OrderPlaced: reserve_and_count})
+    return dataclasses.replace(spec, handlers={OrderPlaced: reserve_and_count})
 
 
 async def sink(channel: aio_pika.abc.AbstractChannel, topology: Topology,
@@ -84,12 +85,12 @@ async def test_two_replicas_sharing_a_database_and_a_queue_give_one_effect_per_e
     calls: Counter[str] = Counter()
     # Started at once: both create the tables and seed the catalogue concurrently.
     first, _ = await asyncio.gather(*(
-        start_service(counting_spec(calls, name), InventorySettings,
+        start_service(counting_spec(calls, name), inventory.settings_class,
                       database_url=postgres_db_url)
         for name in ("first", "second")))
     topology = first.topology
     channel = await amqp.channel()
-    queue_name = topology.queue(SPEC.name, OrderPlaced)
+    queue_name = topology.queue(inventory.name, OrderPlaced)
     shared = await channel.declare_queue(queue_name, passive=True)
     assert shared.declaration_result.consumer_count == 2, "both replicas consume one queue"
     outcomes = {cls: await sink(channel, topology, cls)

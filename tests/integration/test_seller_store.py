@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common.events import OrderLine
 from common.kit.db import create_tables, make_engine
 from seller_service.domain import SellerLines
-from seller_service.handlers import notify_sellers
+from seller_service.service import notify_sellers
 from seller_service.store import InboxStore, metadata
 from tests.factories import make_line, make_order
 

@@ -8,14 +8,15 @@ import pytest
 
 from common.kit.topology import Topology
 from common.ops.access import Grant, grant_for
-from inventory_service.__main__ import SPEC as INVENTORY
-from order_service.__main__ import SPEC as ORDER
-from seller_service.__main__ import SPEC as SELLER
+from inventory_service.service import service as inventory
+from order_service.service import service as order
+from seller_service.service import service as seller
 
 pytestmark = pytest.mark.unit
 
 PREFIX = "acme."
 TOPOLOGY = Topology(PREFIX, retry_delays=(1.0, 10.0, 0.5))
+INVENTORY, ORDER, SELLER = inventory.spec(), order.spec(), seller.spec()
 
 
 def allows(pattern: str, name: str) -> bool:

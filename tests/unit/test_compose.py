@@ -16,6 +16,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices, AliasPath
 
+from common.kit import discovery
 from common.kit.settings import ServiceSettings
 from order_service.settings import OrderSettings
 
@@ -26,7 +27,6 @@ BROKER = "rabbitmq"
 PROMETHEUS = "prometheus"
 #: Runs once before the services and exits: broker users and permissions.
 SETUP = "broker-setup"
-EXPECTED_SERVICES = ("order", "inventory", "logistics", "seller")
 SQLITE_URL_PREFIX = "sqlite+aiosqlite:///"
 
 
@@ -106,17 +106,8 @@ def environment(service: str, data: dict[str, Any] | None = None) -> dict[str, s
 
 
 def settings_class(service: str) -> type[ServiceSettings]:
-    """The one ServiceSettings subclass defined in `<service>_service/settings.py`."""
-    module = importlib.import_module(f"{service}_service.settings")
-    found = [
-        value
-        for value in vars(module).values()
-        if isinstance(value, type)
-        and issubclass(value, ServiceSettings)
-        and value.__module__ == module.__name__
-    ]
-    assert len(found) == 1, f"{module.__name__} should define one settings class, not {found}"
-    return found[0]
+    """The settings class of the installed service `service`, as it reads its environment."""
+    return discovery.service(service).settings_class
 
 
 def env_names(cls: type[ServiceSettings]) -> dict[str, str]:
@@ -155,9 +146,9 @@ def container_ports(service: str, data: dict[str, Any] | None = None) -> list[in
 
 
 def test_every_service_and_the_broker_are_defined() -> None:
-    """The compose file runs RabbitMQ and the four services."""
+    """The compose file runs RabbitMQ and every installed service."""
     assert BROKER in services()
-    missing = set(EXPECTED_SERVICES) - set(services())
+    missing = set(discovery.names()) - set(services())
     assert not missing, f"services missing from docker-compose.yml: {sorted(missing)}"
 
 

@@ -116,3 +116,65 @@ def test_what_the_kit_cannot_provide_or_know_is_refused_when_declared() -> None:
     assert service.produced == (StockReserved,)
     with pytest.raises(ValueError, match="already handles OrderPlaced"):
         service.handles(OrderPlaced)(explicit)
+
+
+class Seeded(ServiceSettings):
+    """Settings of a service's own, as a service declares them."""
+
+    seed: bool = True
+
+
+async def test_on_start_gets_the_settings_when_it_asks_for_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`on_start(engine, settings)` is given the service's settings (read from its own
+    variables); `on_start(engine)` only the engine."""
+    seen: list[object] = []
+
+    async def seed(engine: object, settings: Seeded) -> None:
+        seen.append((engine, settings.seed))
+
+    async def plain(engine: object) -> None:
+        seen.append(engine)
+
+    monkeypatch.setenv("LOYALTY_SEED", "false")
+    with_settings: Service[None] = Service("loyalty", settings=Seeded, on_start=seed)
+    on_start = with_settings.spec(with_settings.settings()).on_start
+    assert on_start is not None
+    await on_start("the engine")  # type: ignore[arg-type]
+    without = Service("loyalty", on_start=plain).spec().on_start
+    assert without is not None
+    await without("the engine")  # type: ignore[arg-type]
+    assert seen == [("the engine", False), "the engine"]
+
+
+def test_a_refused_setting_stops_main_naming_the_variable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`service.main()` with a setting its class refuses exits before running, naming the
+    variable (under the service's prefix) and why, not the value."""
+    service: Service[None] = Service("loyalty", settings=Seeded)
+    monkeypatch.setenv("LOYALTY_SEED", "perhaps-not")
+    monkeypatch.setenv("LOYALTY_PREFETCH", "0")
+
+    def started(*_args: object) -> None:
+        raise AssertionError("the service went on to start")
+
+    monkeypatch.setattr(service, "run", started)
+    with pytest.raises(SystemExit) as exited:
+        service.main()
+    message = str(exited.value.code)
+    assert message.startswith("the loyalty service refuses to start:")
+    assert "LOYALTY_SEED: Input should be a valid boolean" in message
+    assert "LOYALTY_PREFETCH: Input should be greater than or equal to 1" in message
+    assert "perhaps-not" not in message
+
+
+def test_the_commands_are_found_by_their_import_path() -> None:
+    """`cli="module:attribute"` names the service's Typer app, which `commands()` (the
+    `shop` command) loads; a service without commands has None."""
+    service: Service[None] = Service("loyalty", cli="tests.unit.test_declare:COMMANDS")
+    assert service.commands() is COMMANDS
+    assert Service("quiet").commands() is None
+
+
+#: What `test_the_commands_are_found_by_their_import_path` names as a service's commands.
+COMMANDS = object()

@@ -135,10 +135,10 @@ def test_a_replay_leaves_a_receipt() -> None:
     assert str(receipt.causation_id) == EVENT_ID
 
 
-def test_the_built_in_services_dead_letter_queues_come_from_their_handler_tables() -> None:
+def test_an_installed_services_dead_letter_queues_come_from_its_declaration() -> None:
     """Inventory consumes OrderPlaced; the order service also owns the audit queue."""
-    assert dlq.builtin_dead_letter_queues("p.", "inventory") == [DLQ]
-    order = dlq.builtin_dead_letter_queues("p.", "order")
+    assert dlq.service_dead_letter_queues("p.", "inventory") == [DLQ]
+    order = dlq.service_dead_letter_queues("p.", "order")
     assert "p.audit.tracker.dlq" in order
     assert "p.order.stock.reserved.dlq" in order
     assert all(q.startswith("p.order.") or q == "p.audit.tracker.dlq" for q in order)

@@ -17,7 +17,7 @@ from common.events import (
 )
 from inventory_service.cli import app
 from inventory_service.domain import plan_reservation
-from inventory_service.handlers import HANDLERS, reserve_stock
+from inventory_service.service import reserve_stock, service
 from inventory_service.store import StockStore
 from tests.factories import make_line, make_order
 
@@ -91,22 +91,22 @@ def test_plan_reports_every_failing_sku_in_order() -> None:
 # --- handler with a fake store ---------------------------------------------------------------
 
 
-def test_handler_table_maps_order_placed_to_reserve_stock() -> None:
-    """Inventory consumes OrderPlaced, and only that."""
-    assert {OrderPlaced: reserve_stock} == HANDLERS
+def test_inventory_consumes_order_placed_and_reports_the_reservation() -> None:
+    """Inventory consumes OrderPlaced, and only that; it says StockReserved or
+    StockReservationFailed."""
+    assert service.consumes == (OrderPlaced,)
+    assert set(service.produced) == {StockReserved, StockReservationFailed}
 
 
 async def test_reserve_stock_publishes_stock_reserved_in_the_order_flow() -> None:
-    """Enough stock: units are taken, StockReserved names the lines, caused by the order."""
+    """Enough stock: units are taken, StockReserved names the lines (the kit puts it in the
+    order's flow: tests/integration/test_order_flow.py)."""
     store = FakeStockStore({"A": 5, "B": 1})
     placed = make_order(make_line("A", 2), make_line("B", 1), make_line("A", 1))
-    [event] = await reserve_stock(placed, store)
+    event = await reserve_stock(placed, store)
     assert isinstance(event, StockReserved)
     assert event.order_id == placed.order_id
     assert event.lines == (ReservedLine(sku="A", quantity=3), ReservedLine(sku="B", quantity=1))
-    assert event.correlation_id == placed.correlation_id
-    assert event.causation_id == placed.event_id
-    assert event.producer == "inventory"
     assert store.available == {"A": 2, "B": 0}
     assert store.held == {placed.order_id: {"A": 3, "B": 1}}
 
@@ -115,14 +115,12 @@ async def test_reserve_stock_reserves_nothing_when_a_line_fails() -> None:
     """One line short: StockReservationFailed with the reason, and no stock is touched."""
     store = FakeStockStore({"A": 5, "B": 1})
     placed = make_order(make_line("A", 2), make_line("B", 2), make_line("NOPE", 1))
-    [event] = await reserve_stock(placed, store)
+    event = await reserve_stock(placed, store)
     assert isinstance(event, StockReservationFailed)
     assert [(f.sku, f.reason) for f in event.lines] == [
         ("B", "insufficient_stock"), ("NOPE", "unknown_sku")]
     assert "not enough stock for B" in event.reason
     assert "unknown SKU NOPE" in event.reason
-    assert event.causation_id == placed.event_id
-    assert event.correlation_id == placed.correlation_id
     assert store.available == {"A": 5, "B": 1}
     assert store.held == {}
 

@@ -21,7 +21,7 @@ from logistics_service.domain import (
     shipment_id,
     tracking_number,
 )
-from logistics_service.handlers import HANDLERS, schedule_shipment
+from logistics_service.service import schedule_shipment, service
 from logistics_service.store import ShipmentStore, metadata
 from tests.factories import make_order
 
@@ -96,32 +96,30 @@ def test_tracking_number_names_the_carrier() -> None:
 # --- handler with a fake store ---------------------------------------------------------------
 
 
-def test_handler_table_maps_order_placed_to_schedule_shipment() -> None:
-    """Logistics consumes OrderPlaced, and only that."""
-    assert {OrderPlaced: schedule_shipment} == HANDLERS
+def test_logistics_consumes_order_placed_and_announces_shipments() -> None:
+    """Logistics consumes OrderPlaced, and only that; it says ShipmentScheduled."""
+    assert service.consumes == (OrderPlaced,)
+    assert service.produced == (ShipmentScheduled,)
 
 
 async def test_schedule_shipment_stores_and_announces_the_shipment() -> None:
-    """The shipment is stored and ShipmentScheduled carries it, in the order's flow."""
+    """The shipment is stored and ShipmentScheduled carries it."""
     store = FakeShipmentStore()
     placed = make_order(country="FR", occurred_at=FRIDAY_MORNING)
-    [event] = await schedule_shipment(placed, store)
+    event = await schedule_shipment(placed, store)
     assert isinstance(event, ShipmentScheduled)
     stored = store.shipments[placed.order_id]
     assert (event.order_id, event.shipment_id, event.carrier, event.tracking_number,
             event.estimated_delivery) == (
         placed.order_id, stored.shipment_id, "Colissimo", stored.tracking_number,
         date(2024, 6, 12))
-    assert event.correlation_id == placed.correlation_id
-    assert event.causation_id == placed.event_id
-    assert event.producer == "logistics"
 
 
 async def test_a_replay_schedules_the_same_shipment() -> None:
     """Handling the same OrderPlaced again (days later) gives the same ids and date."""
     placed = make_order(country="US", occurred_at=FRIDAY_MORNING)
-    [first] = await schedule_shipment(placed, FakeShipmentStore())
-    [again] = await schedule_shipment(placed, FakeShipmentStore())
+    first = await schedule_shipment(placed, FakeShipmentStore())
+    again = await schedule_shipment(placed, FakeShipmentStore())
     assert isinstance(first, ShipmentScheduled)
     assert isinstance(again, ShipmentScheduled)
     assert (first.shipment_id, first.tracking_number, first.estimated_delivery) == (
@@ -132,7 +130,7 @@ async def test_the_delivery_date_uses_the_utc_day_of_the_order() -> None:
     """Saturday 01:00 at UTC+2 is Friday in UTC: delivery counts from Friday."""
     placed = make_order(
         country="DE", occurred_at=datetime(2024, 6, 8, 1, 0, tzinfo=timezone(timedelta(hours=2))))
-    [event] = await schedule_shipment(placed, FakeShipmentStore())
+    event = await schedule_shipment(placed, FakeShipmentStore())
     assert isinstance(event, ShipmentScheduled)
     assert event.estimated_delivery == date(2024, 6, 11)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from order_service import __main__ as order_main
-from order_service.__main__ import main
+from order_service.service import service
 from order_service.settings import OrderSettings
 
 pytestmark = pytest.mark.unit
@@ -21,6 +20,13 @@ def clean(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def settings() -> OrderSettings:
+    """The order service's settings, read from the environment as the service reads them."""
+    found = service.settings()
+    assert isinstance(found, OrderSettings)
+    return found
+
+
 def refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
             **env: str) -> str:
     """What the service prints when it refuses to start with this environment."""
@@ -30,9 +36,9 @@ def refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     def started(*_args: object) -> None:
         raise AssertionError("the service went on to start")
 
-    monkeypatch.setattr(order_main, "configure_logging", started)
+    monkeypatch.setattr(service, "run", started)
     with pytest.raises(SystemExit) as exited:
-        main()
+        service.main()
     assert exited.value.code not in (0, None)
     return f"{exited.value.code}{capsys.readouterr().err}"
 
@@ -78,15 +84,16 @@ def test_a_blank_token_is_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
     around a token (read from a file) is not part of it."""
     monkeypatch.setenv("SHOP_API_TOKEN", "  ")
     monkeypatch.setenv("SHOP_OPERATOR_TOKEN", f" {TOKEN}\n")
-    settings = OrderSettings()
-    assert settings.api_token is None
-    assert settings.operator_token is not None
-    assert settings.operator_token.get_secret_value() == TOKEN
+    found = settings()
+    assert found.api_token is None
+    assert found.operator_token is not None
+    assert found.operator_token.get_secret_value() == TOKEN
 
 
 def test_allowed_hosts_come_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
     """ORDER_ALLOWED_HOSTS: names and addresses, IPv6 with or without brackets, any case;
     the default is the loopback names."""
-    assert OrderSettings().allowed_hosts == ("localhost", "127.0.0.1", "::1")
+    assert settings().allowed_hosts == ("localhost", "127.0.0.1", "::1")
     monkeypatch.setenv("ORDER_ALLOWED_HOSTS", "Shop.Example., [2001:DB8::1], 10.0.0.7,")
-    assert OrderSettings().allowed_hosts == ("shop.example", "2001:db8::1", "10.0.0.7")
+    assert settings().allowed_hosts == ("shop.example", "2001:db8::1", "10.0.0.7")
+

@@ -16,7 +16,7 @@ from common.events import OrderLine, OrderPlaced, SellerNotified
 from common.kit.db import create_tables, make_engine
 from seller_service.cli import app
 from seller_service.domain import SellerLines, group_by_seller
-from seller_service.handlers import HANDLERS, notify_sellers
+from seller_service.service import notify_sellers, service
 from seller_service.store import InboxStore, Notification, metadata
 from tests.factories import make_line, make_order
 
@@ -66,9 +66,10 @@ def test_one_seller_gets_one_group() -> None:
 # --- handler with a fake store ---------------------------------------------------------------
 
 
-def test_handler_table_maps_order_placed_to_notify_sellers() -> None:
-    """The seller service consumes OrderPlaced, and only that."""
-    assert {OrderPlaced: notify_sellers} == HANDLERS
+def test_the_seller_service_consumes_order_placed_and_notifies_sellers() -> None:
+    """The seller service consumes OrderPlaced, and only that; it says SellerNotified."""
+    assert service.consumes == (OrderPlaced,)
+    assert service.produced == (SellerNotified,)
 
 
 async def test_notify_sellers_notifies_each_seller_once_with_its_lines() -> None:
@@ -82,9 +83,6 @@ async def test_notify_sellers_notifies_each_seller_once_with_its_lines() -> None
         ("s-a", ["A1", "A2"]), ("s-b", ["B1"])]
     for event in notified:
         assert event.order_id == placed.order_id
-        assert event.correlation_id == placed.correlation_id
-        assert event.causation_id == placed.event_id
-        assert event.producer == "seller"
     assert len({e.event_id for e in notified}) == 2
     assert [(n.seller_id, n.total, n.currency) for n in store.notes] == [
         ("s-a", Decimal("5.00"), "EUR"), ("s-b", Decimal("7.50"), "EUR")]

@@ -35,10 +35,11 @@ async def test_the_page_is_served_at_the_root_without_a_running_service(tmp_path
 
 def test_every_file_of_the_page_is_package_data() -> None:
     """pyproject ships every file under order_service/web/ in the wheel (the Docker image
-    installs from one), and lists the folder as a package."""
+    installs from one), and finds the folder as a package."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     setuptools = config["tool"]["setuptools"]
-    assert "order_service.web" in setuptools["packages"]
+    assert any(fnmatch.fnmatchcase("order_service.web", pattern)
+               for pattern in setuptools["packages"]["find"]["include"])
     patterns = setuptools["package-data"]["order_service.web"]
     files = [p.relative_to(WEB).as_posix() for p in WEB.rglob("*") if p.is_file()]
     assert files

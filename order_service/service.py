@@ -1,4 +1,9 @@
-"""What the order service does on the other services' outcomes and on the audit stream."""
+"""The order service: places orders (its API), follows their outcomes, tracks every delivery.
+
+Its handlers keep the outcomes the other services report; its tracker keeps the audit
+stream (subscribers' announcements and receipts), from which each order's fan-out status is
+read. Orders are placed by the HTTP API, which runs beside the consumers.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,26 @@ from common.events import (
     DeliveryReceipt,
     DeliveryReceipts,
     Event,
+    OrderPlaced,
     SellerNotified,
     ShipmentScheduled,
     StockReservationFailed,
     StockReserved,
     SubscriberAnnounced,
 )
-from common.kit.service import Handler, RejectedError
+from common.kit.declare import Service
+from common.kit.service import RejectedError
 from common.kit.telemetry import RECEIPT_LAG
+from order_service.api import serve_api
 from order_service.domain import OrderState
-from order_service.store import OrderStore
+from order_service.settings import OrderSettings
+from order_service.store import OrderStore, metadata, upgrade_schema
+
+service = Service("order", store=OrderStore, tables=metadata, settings=OrderSettings,
+                  on_start=upgrade_schema, metrics_port=9100, cli="order_service.cli:app")
+service.produces(OrderPlaced)
+service.keeps_receipts(OrderStore.record_deliveries)
+service.alongside(serve_api)
 
 #: Who may tell the order service each outcome. Where every service has a broker user of
 #: its own, `producer` is the one the broker vouches for (`common.ops.access`); anyone else's
@@ -48,44 +63,44 @@ async def _record(event: StockReserved | StockReservationFailed | ShipmentSchedu
                             "service never placed")
 
 
-async def stock_reserved(event: StockReserved, store: OrderStore) -> list[Event]:
+@service.handles(StockReserved)
+async def stock_reserved(event: StockReserved, store: OrderStore) -> None:
     """Inventory reserved every line: the order is confirmed."""
     await _record(event, store, "stock_reserved", {"lines"})
     await store.advance_state(event.order_id, OrderState.CONFIRMED)
-    return []
 
 
-async def stock_reservation_failed(event: StockReservationFailed,
-                                   store: OrderStore) -> list[Event]:
+@service.handles(StockReservationFailed)
+async def stock_reservation_failed(event: StockReservationFailed, store: OrderStore) -> None:
     """Inventory could not reserve the order: it is rejected, with the reason kept."""
     await _record(event, store, "stock_failed", {"reason", "lines"})
     await store.advance_state(event.order_id, OrderState.REJECTED)
-    return []
 
 
-async def shipment_scheduled(event: ShipmentScheduled, store: OrderStore) -> list[Event]:
+@service.handles(ShipmentScheduled)
+async def shipment_scheduled(event: ShipmentScheduled, store: OrderStore) -> None:
     """Logistics scheduled the shipment: keep carrier, tracking number and date."""
     await _record(event, store, "shipment",
                   {"shipment_id", "carrier", "tracking_number", "estimated_delivery"})
     # Any outcome proves OrderPlaced was published, even if its receipts come later.
     await store.advance_state(event.order_id, OrderState.PLACED)
-    return []
 
 
-async def seller_notified(event: SellerNotified, store: OrderStore) -> list[Event]:
+@service.handles(SellerNotified)
+async def seller_notified(event: SellerNotified, store: OrderStore) -> None:
     """A seller was told about its lines."""
     await _record(event, store, "seller", {"seller_id", "lines"})
     await store.advance_state(event.order_id, OrderState.PLACED)
-    return []
 
 
-async def subscriber_announced(event: SubscriberAnnounced, store: OrderStore) -> list[Event]:
+@service.tracks(SubscriberAnnounced)
+async def subscriber_announced(event: SubscriberAnnounced, store: OrderStore) -> None:
     """A subscriber started: register it, or refresh it (first_seen stays)."""
     await store.upsert_subscriber(event)
-    return []
 
 
-async def delivery_receipt(event: DeliveryReceipt, store: OrderStore) -> list[Event]:
+@service.tracks(DeliveryReceipt)
+async def delivery_receipt(event: DeliveryReceipt, store: OrderStore) -> None:
     """A subscriber reported what it did with a delivery: keep it for the order's status.
 
     Receipts of other flows (no order of ours) are kept as well, unlinked: an operator can
@@ -94,28 +109,13 @@ async def delivery_receipt(event: DeliveryReceipt, store: OrderStore) -> list[Ev
     await store.record_delivery(event)
     RECEIPT_LAG.labels(event.subscriber, event.outcome).observe(
         max(0.0, (datetime.now(UTC) - event.occurred_at).total_seconds()))
-    return []
 
 
-async def delivery_receipts(event: DeliveryReceipts, store: OrderStore) -> list[Event]:
+@service.tracks(DeliveryReceipts)
+async def delivery_receipts(event: DeliveryReceipts, store: OrderStore) -> None:
     """A subscriber's receipts for a batch of deliveries it handled together."""
     await store.record_deliveries(event.receipts)
     now = datetime.now(UTC)
     for receipt in event.receipts:
         RECEIPT_LAG.labels(receipt.subscriber, receipt.outcome).observe(
             max(0.0, (now - receipt.occurred_at).total_seconds()))
-    return []
-
-
-HANDLERS: dict[type[Event], Handler[OrderStore]] = {
-    StockReserved: stock_reserved,
-    StockReservationFailed: stock_reservation_failed,
-    ShipmentScheduled: shipment_scheduled,
-    SellerNotified: seller_notified,
-}
-
-AUDIT_HANDLERS: dict[type[Event], Handler[OrderStore]] = {
-    SubscriberAnnounced: subscriber_announced,
-    DeliveryReceipt: delivery_receipt,
-    DeliveryReceipts: delivery_receipts,
-}
