@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner, Result
 
 from common.events import EVENT_TYPES, KIT_EVENTS, Event
+from common.kit import discovery
 from common.kit.declare import Service
 from common.ops import scaffold, scaffold_cli
 from common.ops.scaffold import RefusedError
@@ -212,7 +213,7 @@ def test_it_refuses_with_a_clear_message_and_writes_nothing(
 
 
 @pytest.mark.parametrize("where", ["package", "unit test", "integration test", "entry point",
-                                   "installed package"])
+                                   "installed package", "installed service"])
 def test_it_refuses_a_name_already_taken_or_a_target_that_exists(
         repo: Path, where: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: Any) -> None:
     """A package folder, a test file, an entry point in pyproject.toml or an importable
@@ -224,6 +225,8 @@ def test_it_refuses_a_name_already_taken_or_a_target_that_exists(
         (repo / "pyproject.toml").write_text(text.replace(
             'seller = "seller_service.service:service"\n',
             'seller = "seller_service.service:service"\nloyalty = "elsewhere:service"\n'))
+    elif where == "installed service":  # its package named otherwise
+        monkeypatch.setattr(discovery, "names", lambda: ["loyalty", "order"])
     elif where == "installed package":
         elsewhere = tmp_path_factory.mktemp("site")
         (elsewhere / "loyalty_service").mkdir()
