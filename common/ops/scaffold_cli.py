@@ -46,14 +46,14 @@ def subscriber(
         help="Register the service's entry point at once (pip install -e . --no-deps with "
              "this Python); --no-install leaves it to `make install`.")] = True,
 ) -> None:
-    """Write a subscriber service that works: NAME_service/ with a handler per --on event
-    (each records what it receives in the service's own table), its store, a unit and an
-    integration test; and add it to pyproject.toml, docker-compose.yml and
-    deploy/prometheus.yml (lines added, nothing else changed).
+    """Write a new subscriber service that works, a handler per --on event.
 
-    Run it from the repository's root. It refuses, writing nothing, a name that is not a
-    lower-case identifier, is taken, or whose queues would clash with the system's or the
-    broker's, and an event that is not a business event.
+    From the repository's root: writes NAME_service/ (each handler records what it receives
+    in the service's own table), a unit and an integration test, and adds the service to
+    pyproject.toml, docker-compose.yml and deploy/prometheus.yml (lines added, none
+    changed). Refused, writing nothing: a name that is not a lower-case identifier, is
+    taken, or whose queues would clash with the system's or the broker's; an event that is
+    not a business event.
     """
     root = Path.cwd()
     try:
