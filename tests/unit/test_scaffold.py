@@ -216,8 +216,8 @@ def test_it_refuses_with_a_clear_message_and_writes_nothing(
                                    "installed package", "installed service"])
 def test_it_refuses_a_name_already_taken_or_a_target_that_exists(
         repo: Path, where: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: Any) -> None:
-    """A package folder, a test file, an entry point in pyproject.toml or an importable
-    package of that name: refused, nothing written."""
+    """A package folder, a test file, an entry point in pyproject.toml, an importable
+    package or an installed service of that name: refused, nothing written."""
     if where == "package":
         (repo / "loyalty_service").mkdir()
     elif where == "entry point":
