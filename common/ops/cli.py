@@ -28,6 +28,7 @@ from common.ops.dlq_cli import app as dlq_app
 from common.ops.doctor import doctor
 from common.ops.events_cli import app as events_app
 from common.ops.queues_cli import queues
+from common.ops.scaffold_cli import app as new_app
 
 app = typer.Typer(
     help="A choreographed order platform on RabbitMQ: run it, place orders, watch the flow.",
@@ -48,6 +49,7 @@ _mount_services()
 app.add_typer(dlq_app, name="dlq", help="Dead letters: list, show, replay, purge.")
 app.add_typer(broker_app, name="broker", help="Broker users: one per service, least privilege.")
 app.add_typer(events_app, name="events", help="Event contracts: producers, subscribers, AsyncAPI.")
+app.add_typer(new_app, name="new", help="Scaffolding: a new subscriber service in one command.")
 app.command()(queues)
 app.command()(doctor)
 app.command("catch-up")(catch_up)

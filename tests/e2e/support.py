@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from common.ops.observe import sweep_prefix
 
 SUBSCRIBERS = {"inventory", "logistics", "seller"}
 SERVICES = ("order", *sorted(SUBSCRIBERS))
+#: How the tests run `shop`: this Python, the repository's code.
+SHOP = (sys.executable, "-m", "common.ops.cli")
 
 
 def ctrl_c_reaches_it() -> None:
@@ -38,17 +40,19 @@ def free_port() -> int:
 class System:
     """`shop up` in a subprocess, with its own prefix, data folder and HTTP port."""
 
-    def __init__(self, env: dict[str, str], proc: subprocess.Popen[str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], proc: subprocess.Popen[str], log: Path,
+                 command: Sequence[str] = SHOP, cwd: Path | None = None) -> None:
         self.env = env
         self.proc = proc
         self.log = log
         self.api = env["SHOP_API_URL"]
+        self.command = list(command)
+        self.cwd = cwd
 
     def shop(self, *args: str, stdin: str | None = None, timeout: float = 60
              ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "common.ops.cli", *args], env=self.env,
-                              input=stdin, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        return subprocess.run([*self.command, *args], env=self.env, cwd=self.cwd, input=stdin,
+                              capture_output=True, text=True, timeout=timeout, check=False)
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]
@@ -78,12 +82,14 @@ def poll(probe: Any, *, timeout: float, what: str) -> Any:
 
 @contextlib.contextmanager
 def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2e",
-               ready_timeout: float = 60, env: Mapping[str, str | None] | None = None
-               ) -> Iterator[System]:
+               ready_timeout: float = 60, env: Mapping[str, str | None] | None = None,
+               shop: Sequence[str] = SHOP, cwd: Path | None = None,
+               subscribers: Collection[str] = SUBSCRIBERS) -> Iterator[System]:
     """`shop up` under a unique name prefix, on free ports, with its data in `tmp`; `env`
-    overrides its environment (None: unset).
+    overrides its environment (None: unset); `shop` and `cwd`: another checkout's command
+    and where to run it.
 
-    Yields once the three subscribers have announced themselves; afterwards stops it with
+    Yields once the `subscribers` have announced themselves; afterwards stops it with
     SIGTERM and deletes every queue and exchange under its prefix.
     """
     port = free_port()
@@ -102,7 +108,8 @@ def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2
         # run with the same environment, so they send it.
         "SHOP_OPERATOR_TOKEN": secrets.token_urlsafe(24),
         # Free ports for /metrics too, so a system already running here does not clash.
-        **{f"{service.upper()}_METRICS_PORT": str(free_port()) for service in SERVICES},
+        **{f"{service.upper()}_METRICS_PORT": str(free_port())
+           for service in {*SERVICES, *subscribers}},
     }
     for key, value in (env or {}).items():
         if value is None:
@@ -111,9 +118,9 @@ def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2
             environment[key] = value
     log = tmp / "shop-up.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "common.ops.cli", "up"], env=environment,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    system = System(environment, proc, log)
+        proc = subprocess.Popen([*shop, "up"], env=environment, cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    system = System(environment, proc, log, shop, cwd)
 
     def registry() -> bool:
         assert proc.poll() is None, f"shop up exited early:\n{system.logs()}"
@@ -122,10 +129,11 @@ def run_system(tmp: Path, amqp_url: str, management_url: str, *, name: str = "e2
         except httpx.HTTPError:
             return False
         names = {s["name"] for s in response.json()} if response.status_code == 200 else set()
-        return names >= SUBSCRIBERS
+        return names >= set(subscribers)
 
     try:
-        poll(registry, timeout=ready_timeout, what="the three subscribers to announce themselves")
+        poll(registry, timeout=ready_timeout, what=f"{', '.join(sorted(subscribers))} to "
+                                                   "announce themselves")
         yield system
     finally:
         proc.send_signal(signal.SIGTERM)
