@@ -37,13 +37,8 @@ from common.kit.logging import get_logger
 from common.kit.settings import ServiceSettings
 from common.kit.telemetry import tracer
 from common.kit.topology import Topology
-from common.ops.observe import (
-    Announced,
-    SystemReport,
-    compare,
-    event_exchanges,
-    read_broker,
-)
+from common.ops.observe import event_exchanges, read_broker
+from common.ops.system_report import Announced, SystemReport, compare
 from order_service.access import PROBE, ApiToken, HostCheck, declare_api_token, operator_only
 from order_service.domain import (
     NewOrder,
