@@ -40,20 +40,13 @@ from common.kit.topology import Topology
 from common.ops.observe import event_exchanges, read_broker
 from common.ops.system_report import Announced, SystemReport, compare
 from order_service.access import PROBE, ApiToken, HostCheck, declare_api_token, operator_only
-from order_service.domain import (
-    NewOrder,
-    OrderState,
-    OrderStatus,
-    OrderSummary,
-    OrderTrace,
-    OrderView,
-    Subscriber,
-    place_order,
-    same_order,
-)
+from order_service.domain.order import NewOrder, OrderState, place_order, same_order
+from order_service.domain.timeline import OrderTrace
+from order_service.domain.views import OrderStatus, OrderSummary, OrderView, Subscriber
 from order_service.http_server import Server, server_config
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, Position
+from order_service.store import OrderStore
+from order_service.store.status import Position
 from order_service.webpage import index_page
 
 Work = Callable[[AsyncConnection], Awaitable[Sequence[Event]]]

@@ -19,7 +19,8 @@ from rich.text import Text
 
 from common.ops.cli_support import plain_console, print_json
 from common.ops.credentials import ApiCredentials
-from order_service.domain import NewOrder, OutcomeKind, outcome_detail
+from order_service.domain.order import NewOrder
+from order_service.domain.views import OutcomeKind, outcome_detail
 
 app = typer.Typer(
     help="Place orders and see which subscribers handled them (talks to the order API).",

@@ -24,9 +24,10 @@ from common.kit.declare import Service
 from common.kit.service import RejectedError
 from common.kit.telemetry import RECEIPT_LAG
 from order_service.api import serve_api
-from order_service.domain import OrderState
+from order_service.domain.order import OrderState
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, metadata, upgrade_schema
+from order_service.store import OrderStore
+from order_service.store.tables import metadata, upgrade_schema
 
 service = Service("order", store=OrderStore, tables=metadata, settings=OrderSettings,
                   on_start=upgrade_schema, metrics_port=9100, cli="order_service.cli:app")

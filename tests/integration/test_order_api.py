@@ -26,10 +26,12 @@ from order_service.api import (
     encode_cursor,
     settle_forever,
 )
-from order_service.domain import NewOrder, place_order
+from order_service.domain.order import NewOrder, place_order
 from order_service.service import service
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, Position, metadata, orders
+from order_service.store import OrderStore
+from order_service.store.status import Position
+from order_service.store.tables import metadata, orders
 from tests.factories import make_address, make_line
 from tests.integration.support import FakeRuntime, order_body, wait_for
 

@@ -19,8 +19,9 @@ from pydantic.fields import FieldInfo
 
 from common import events
 from common.ops import system_report
-from order_service import api, domain
+from order_service import api
 from order_service.api import create_app, json_safe
+from order_service.domain import fanout, order, timeline, views
 from order_service.settings import OrderSettings
 from tests.integration.support import FakeRuntime, order_body
 
@@ -213,7 +214,7 @@ async def test_a_method_the_path_lacks_is_405_listing_those_it_has(
 # --- the OpenAPI document ---------------------------------------------------------------
 
 #: Every model the document can name, by name.
-MODELS = {name: cls for module in (events, system_report, domain, api)
+MODELS = {name: cls for module in (events, system_report, order, fanout, views, timeline, api)
           for name, cls in vars(module).items()
           if isinstance(cls, type) and issubclass(cls, BaseModel)}
 
