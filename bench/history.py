@@ -29,14 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.kit.db import create_tables, make_engine
 from common.kit.outbox import kit_metadata
-from order_service.store import (
-    OrderStore,
-    deliveries,
-    metadata,
-    order_expectations,
-    orders,
-    subscribers,
-)
+from order_service.store import OrderStore
+from order_service.store.tables import deliveries, metadata, order_expectations, orders, subscribers
 
 SUBSCRIBERS = ("inventory", "logistics", "seller")
 #: One order in this many (fewer in a small run) is left unanswered by logistics: the late

@@ -12,7 +12,7 @@ from common.kit.db import create_tables, make_engine
 from common.kit.outbox import kit_metadata
 from inventory_service.store import StockStore
 from inventory_service.store import metadata as inventory_metadata
-from order_service.domain import NewOrder, place_order
+from order_service.domain.order import NewOrder, place_order
 
 #: (SKU, seller, unit price) of each line.
 LINES = (("SKU-BENCH-A", "seller-bench-a", "4.50"), ("SKU-BENCH-B", "seller-bench-b", "7.25"))

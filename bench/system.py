@@ -36,7 +36,7 @@ from common.kit.declare import Delivery
 from common.kit.logging import configure_logging
 from common.kit.runner import Runtime, ServiceRunner
 from common.ops.observe import sweep_prefix
-from order_service.domain import place_order
+from order_service.domain.order import place_order
 from order_service.service import service as order
 from order_service.store import OrderStore
 

@@ -124,7 +124,7 @@ class Address(Model):
     """Where the order ships to.
 
     Its text is not checked for control characters here: the order service refuses them where
-    a customer submits an order (`order_service.domain.NewOrder`), and a reader that refused
+    a customer submits an order (`order_service.domain.order.NewOrder`), and a reader that refused
     them (a subscriber, the order service reading its own orders) would turn the orders
     accepted before that check into poison.
     """

@@ -1,13 +1,11 @@
 """The order service: places orders (its API), follows their outcomes, tracks every delivery.
 
-Its handlers keep the outcomes the other services report; its tracker keeps the audit
-stream (subscribers' announcements and receipts), from which each order's fan-out status is
-read. Orders are placed by the HTTP API, which runs beside the consumers.
+Its handlers keep the outcomes the other services report; its tracker (`tracker.py`) keeps
+the audit stream (subscribers' announcements and receipts), from which each order's fan-out
+status is read. Orders are placed by the HTTP API (`api/`), which runs beside the consumers.
 """
 
 from __future__ import annotations
-
-from datetime import UTC, datetime
 
 from common.events import (
     DeliveryReceipt,
@@ -22,17 +20,23 @@ from common.events import (
 )
 from common.kit.declare import Service
 from common.kit.service import RejectedError
-from common.kit.telemetry import RECEIPT_LAG
-from order_service.api import serve_api
-from order_service.domain import OrderState
+from order_service import tracker
+from order_service.api.app import serve_api
+from order_service.domain.order import OrderState
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, metadata, upgrade_schema
+from order_service.store import OrderStore
+from order_service.store.tables import metadata, upgrade_schema
 
 service = Service("order", store=OrderStore, tables=metadata, settings=OrderSettings,
                   on_start=upgrade_schema, metrics_port=9100, cli="order_service.cli:app")
 service.produces(OrderPlaced)
-service.keeps_receipts(OrderStore.record_deliveries)
 service.alongside(serve_api)
+# The tracker (order_service/tracker.py): the audit queue, and the receipts of our own
+# deliveries, kept in our tables rather than sent to ourselves.
+service.tracks(SubscriberAnnounced)(tracker.subscriber_announced)
+service.tracks(DeliveryReceipt)(tracker.delivery_receipt)
+service.tracks(DeliveryReceipts)(tracker.delivery_receipts)
+service.keeps_receipts(OrderStore.record_deliveries)
 
 #: Who may tell the order service each outcome. Where every service has a broker user of
 #: its own, `producer` is the one the broker vouches for (`common.ops.access`); anyone else's
@@ -91,31 +95,3 @@ async def seller_notified(event: SellerNotified, store: OrderStore) -> None:
     """A seller was told about its lines."""
     await _record(event, store, "seller", {"seller_id", "lines"})
     await store.advance_state(event.order_id, OrderState.PLACED)
-
-
-@service.tracks(SubscriberAnnounced)
-async def subscriber_announced(event: SubscriberAnnounced, store: OrderStore) -> None:
-    """A subscriber started: register it, or refresh it (first_seen stays)."""
-    await store.upsert_subscriber(event)
-
-
-@service.tracks(DeliveryReceipt)
-async def delivery_receipt(event: DeliveryReceipt, store: OrderStore) -> None:
-    """A subscriber reported what it did with a delivery: keep it for the order's status.
-
-    Receipts of other flows (no order of ours) are kept as well, unlinked: an operator can
-    still see a dead-lettered unreadable message there.
-    """
-    await store.record_delivery(event)
-    RECEIPT_LAG.labels(event.subscriber, event.outcome).observe(
-        max(0.0, (datetime.now(UTC) - event.occurred_at).total_seconds()))
-
-
-@service.tracks(DeliveryReceipts)
-async def delivery_receipts(event: DeliveryReceipts, store: OrderStore) -> None:
-    """A subscriber's receipts for a batch of deliveries it handled together."""
-    await store.record_deliveries(event.receipts)
-    now = datetime.now(UTC)
-    for receipt in event.receipts:
-        RECEIPT_LAG.labels(receipt.subscriber, receipt.outcome).observe(
-            max(0.0, (now - receipt.occurred_at).total_seconds()))

@@ -36,7 +36,7 @@ from common.kit.broker import ORIGINAL_USER, connect, login_of
 from common.kit.logging import get_logger
 from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
-from common.ops.dlq import can_impersonate
+from common.ops.dlq_replay import can_impersonate
 
 log = get_logger(__name__)
 

@@ -16,8 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from common.kit.settings import ServiceSettings
-from common.ops import dlq
+from common.ops import dlq, dlq_replay
 from common.ops.cli_support import fail, plain_console, print_json
+from common.ops.dead_letter import DeadLetter
 
 T = TypeVar("T")
 
@@ -122,7 +123,7 @@ def show(
         console.print(dead_letter_panel(letter, now))
 
 
-def dead_letter_panel(letter: dlq.DeadLetter, now: datetime) -> Panel:
+def dead_letter_panel(letter: DeadLetter, now: datetime) -> Panel:
     """What `shop dlq show` prints for one copy: facts, headers, the body pretty-printed."""
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
@@ -172,7 +173,7 @@ def replay(
     """
     if bool(ids) == all_:
         raise fail("say which dead letters: --id ID (repeat it for several) or --all")
-    report = _run(dlq.replay(ServiceSettings(), service, message_ids=None if all_ else ids))
+    report = _run(dlq_replay.replay(ServiceSettings(), service, message_ids=None if all_ else ids))
     for letter in report.replayed:
         typer.echo(f"replayed {letter.message_id} ({letter.event_type or 'unknown type'}) "
                    f"to {letter.original_queue}")
@@ -212,7 +213,7 @@ def purge(
             confirmed = False
         if not confirmed:
             raise fail("nothing purged (answer y, or pass --yes in scripts)")
-    purged = _run(dlq.purge(settings, service))
+    purged = _run(dlq_replay.purge(settings, service))
     total = sum(purged.values())
     typer.echo(f"purged {total} dead letter{'' if total == 1 else 's'} of {service}")
 
@@ -230,14 +231,14 @@ def format_age(age: timedelta | None) -> str:
     return f"{seconds}s"
 
 
-def _exception(letter: dlq.DeadLetter) -> str | None:
+def _exception(letter: DeadLetter) -> str | None:
     if letter.exception and letter.by_broker:
         # Left from a failure before the broker gave up; not why it was parked.
         return f"earlier attempt: {letter.exception}"
     return letter.exception
 
 
-def _attempts(letter: dlq.DeadLetter) -> str:
+def _attempts(letter: DeadLetter) -> str:
     # None when the broker parked it: it counts deliveries, not our attempts.
     return "-" if letter.attempts is None else str(letter.attempts)
 

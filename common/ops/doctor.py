@@ -24,7 +24,7 @@ from rich.text import Text
 from common.kit.broker import connect, safe_url
 from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
-from common.ops import observe
+from common.ops import observe, system_report
 from common.ops.cli_support import plain_console
 from common.ops.credentials import API_TOKEN_VAR, ApiCredentials
 
@@ -60,7 +60,7 @@ class Diagnosis:
 
     checked_at: datetime
     checks: list[Check] = field(default_factory=list)
-    report: observe.SystemReport | None = None
+    report: system_report.SystemReport | None = None
 
     @property
     def healthy(self) -> bool:
@@ -76,7 +76,7 @@ class Diagnosis:
 class FromApi:
     """What the order API said: the registry and the late orders, or why it did not."""
 
-    registry: list[observe.Announced] | None
+    registry: list[system_report.Announced] | None
     late: list[dict[str, Any]] | None
     error: str | None
 
@@ -93,7 +93,7 @@ async def read_api(api: str, client: httpx.AsyncClient | None = None,
         late = await http.get("/orders", params={"late": "true", "limit": LATE_LIMIT},
                               headers=headers)
         late.raise_for_status()
-        registry = [observe.Announced(name=s["name"], consumes=s["consumes"],
+        registry = [system_report.Announced(name=s["name"], consumes=s["consumes"],
                                       last_seen=datetime.fromisoformat(s["last_seen"]))
                     for s in subscribers.json()]
         return FromApi(registry=registry, late=list(late.json()), error=None)
@@ -153,9 +153,9 @@ async def diagnose(settings: ServiceSettings, api: str, *, amqp_wait: float = 3.
         if connection is not None:
             await connection.close()
     late = from_api.late
-    report = observe.compare(snapshot, registry, prefix=prefix, now=now,
-                             announce_interval=settings.announce_interval,
-                             late_orders=len(late or ()), kit_queues=kit)
+    report = system_report.compare(snapshot, registry, prefix=prefix, now=now,
+                                   announce_interval=settings.announce_interval,
+                                   late_orders=len(late or ()), kit_queues=kit)
     diagnosis.report = report
 
     if snapshot.source == observe.MANAGEMENT:
@@ -172,7 +172,7 @@ async def diagnose(settings: ServiceSettings, api: str, *, amqp_wait: float = 3.
     return diagnosis
 
 
-def _consumed(snapshot: observe.BrokerSnapshot, report: observe.SystemReport,
+def _consumed(snapshot: observe.BrokerSnapshot, report: system_report.SystemReport,
               registry_known: bool, kit: Sequence[str], prefix: str) -> Check:
     name = "every expected queue has a consumer"
     if not snapshot.reachable:
@@ -200,7 +200,7 @@ def _consumed(snapshot: observe.BrokerSnapshot, report: observe.SystemReport,
     return Check(name, "ok", f"{len(queues)} queue(s), each consumed{scope}")
 
 
-def _dead_letters(snapshot: observe.BrokerSnapshot, report: observe.SystemReport) -> Check:
+def _dead_letters(snapshot: observe.BrokerSnapshot, report: system_report.SystemReport) -> Check:
     name = "no dead letters waiting"
     if not snapshot.reachable:
         return Check(name, "unknown", "the broker cannot be read")
@@ -226,7 +226,7 @@ def _late(late: list[dict[str, Any]] | None) -> Check:
     return Check(name, "ok", "every expected subscriber answered in time")
 
 
-def _unannounced(snapshot: observe.BrokerSnapshot, report: observe.SystemReport,
+def _unannounced(snapshot: observe.BrokerSnapshot, report: system_report.SystemReport,
                  registry_known: bool) -> Check:
     name = "no unannounced queue"
     if not registry_known:
@@ -239,13 +239,13 @@ def _unannounced(snapshot: observe.BrokerSnapshot, report: observe.SystemReport,
     return Check(name, "ok", "every queue bound to an event exchange was announced")
 
 
-def _stale(report: observe.SystemReport, registry_known: bool, interval: float) -> Check:
+def _stale(report: system_report.SystemReport, registry_known: bool, interval: float) -> Check:
     name = "no stale subscriber"
     if not registry_known:
         return Check(name, "unknown", "the registry is unknown (order API)")
     stale = [f"{s.name}: last announced {s.last_seen.isoformat() if s.last_seen else '?'}"
              for s in report.subscribers if s.stale]
-    limit = f"{observe.STALE_AFTER_INTERVALS} x {interval:g} s"
+    limit = f"{system_report.STALE_AFTER_INTERVALS} x {interval:g} s"
     if stale:
         return Check(name, "failed", f"no announcement for more than {limit}", _listed(stale))
     return Check(name, "ok", f"every subscriber announced itself within {limit}")

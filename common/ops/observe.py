@@ -1,10 +1,12 @@
-"""Expected vs actual: the broker's real topology, read and compared with the subscriber registry.
+"""The broker's real topology, read: its queues with their counts and rates, and what is bound
+to each event exchange.
 
 The management HTTP API gives every queue (ready, unacked, consumers, publish and deliver
 rates) and each event exchange's bindings. When it cannot be reached that is said, and AMQP
 passive declares stand in: counts and consumers only, for the queues asked about (no
 bindings, no unacked, no rates). Nothing here prints: `shop queues`, `shop doctor` and the
-order service's `GET /system` show what it finds.
+order service's `GET /system` show what it finds (`common.ops.system_report` compares it
+with the subscriber registry).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import itertools
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
@@ -25,21 +27,17 @@ import certifi
 import httpx
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
-from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
 from common.events import EVENT_TYPES, SubscriberAnnounced
 from common.kit import discovery
 from common.kit.broker import connect, safe_url
 from common.kit.settings import ServiceSettings
-from common.kit.topology import Topology, history_of
+from common.kit.topology import Topology
 
 Source = Literal["management API", "amqp"]
 MANAGEMENT: Source = "management API"
 AMQP: Source = "amqp"
-
-#: A subscriber is stale when its last announcement is older than this many intervals.
-STALE_AFTER_INTERVALS = 3
 
 #: Queues whose counts the management API does not know yet that are asked for by AMQP,
 #: at most, per look.
@@ -181,8 +179,8 @@ class ManagementApi:
 
 @functools.cache
 def _tls() -> ssl.SSLContext:
-    """One TLS context for every management API client: httpx builds (and loads the CA
-    bundle into) a new one per client otherwise, some 20 to 40 ms each time."""
+    """One TLS context for every management API client: otherwise httpx builds one per
+    client and loads the whole CA bundle into it each time."""
     return ssl.create_default_context(cafile=certifi.where())
 
 
@@ -322,200 +320,6 @@ async def _declared(settings: ServiceSettings, connection: AbstractConnection | 
         return await read_amqp(opened, names, error=error)
     finally:
         await opened.close()
-
-
-# --- expected vs actual -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Announced:
-    """A registry entry as the comparison needs it."""
-
-    name: str
-    #: Event type -> the queue it is consumed from.
-    consumes: Mapping[str, str]
-    #: Its last announcement; None when not known (a registry made up from the handler
-    #: tables because the order API did not answer).
-    last_seen: datetime | None
-
-
-class BrokerState(BaseModel):
-    """How the broker was read."""
-
-    model_config = ConfigDict(frozen=True)
-
-    reachable: bool
-    source: Source
-    error: str | None = Field(description="Why the management API (or the broker) did not "
-                                          "answer, when it did not.")
-
-
-class SubscriberQueue(BaseModel):
-    """One queue an announced subscriber consumes, as the broker has it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    queue: str
-    exists: bool
-    consumers: int | None
-    ready: int | None
-    unacked: int | None
-    dead_letters: int | None
-
-
-class SubscriberView(BaseModel):
-    """An announced subscriber: what it said it consumes, and what the broker shows of it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    consumes: dict[str, str]
-    last_seen: datetime | None
-    stale: bool = Field(description="Last announced more than 3 announce intervals ago.")
-    queues: list[SubscriberQueue]
-
-
-class UnannouncedQueue(BaseModel):
-    """A queue bound to an event exchange that no subscriber announced."""
-
-    model_config = ConfigDict(frozen=True)
-
-    queue: str
-    exchange: str
-
-
-class QueueLine(BaseModel):
-    """A queue of the system with its dead-letter depth and rates."""
-
-    model_config = ConfigDict(frozen=True)
-
-    queue: str
-    exists: bool
-    ready: int | None
-    unacked: int | None
-    consumers: int | None
-    dead_letters: int | None
-    publish_rate: float | None = Field(description="Messages per second into the queue.")
-    deliver_rate: float | None = Field(description="Messages per second delivered from it.")
-
-
-class SystemReport(BaseModel):
-    """`GET /system`: the registry against the broker, dead letters and late orders."""
-
-    model_config = ConfigDict(frozen=True)
-
-    healthy: bool = Field(description="No problem found.")
-    checked_at: datetime
-    problems: list[str] = Field(description="Each thing that is wrong, in a sentence.")
-    broker: BrokerState
-    subscribers: list[SubscriberView]
-    unannounced_queues: list[UnannouncedQueue]
-    bindings_known: bool = Field(
-        description="The bindings were read (management API), so unannounced queues would "
-                    "show; false under the AMQP fallback.")
-    queues: list[QueueLine]
-    late_orders: int = Field(description="Orders with an expected subscriber late.")
-    dead_letters: int = Field(description="Messages waiting in the dead-letter queues.")
-
-
-def _ago(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    if seconds < 600:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h"
-
-
-def _owner(queue: str, prefix: str, owners: Mapping[str, str]) -> str:
-    """The service a queue belongs to: from the registry, else its name's first part."""
-    return owners.get(queue) or queue.removeprefix(prefix).split(".", 1)[0]
-
-
-def compare(snapshot: BrokerSnapshot, registry: Sequence[Announced] | None, *,
-            prefix: str, now: datetime, announce_interval: float, late_orders: int = 0,
-            kit_queues: Sequence[str] = ()) -> SystemReport:
-    """What is expected (the registry and the kit's own queues) against what the broker has.
-
-    Reported: an announced subscriber whose queue is missing or has no consumer, a queue
-    bound to an event exchange that nobody announced (its history stream aside), a
-    subscriber whose announcements stopped (stale), dead letters waiting, late orders.
-    `registry=None` means it is not known: only `kit_queues` are checked then, and
-    unannounced queues cannot be told.
-    """
-    problems: list[str] = []
-    if not snapshot.reachable:
-        problems.append(f"the broker cannot be reached: {snapshot.error}")
-    judge = snapshot.reachable
-    stale_after = timedelta(seconds=STALE_AFTER_INTERVALS * announce_interval)
-    owners = {q: s.name for s in registry or () for q in s.consumes.values()}
-
-    subscribers: list[SubscriberView] = []
-    for sub in sorted(registry or (), key=lambda s: s.name):
-        views = []
-        for event_type, queue in sorted(sub.consumes.items()):
-            row = snapshot.row(queue)
-            views.append(SubscriberQueue(queue=queue, exists=row.exists,
-                                         consumers=row.consumers, ready=row.ready,
-                                         unacked=row.unacked, dead_letters=row.dead_letters))
-            if judge and not row.exists:
-                problems.append(f"{sub.name}: its queue {queue} ({event_type}) does not exist "
-                                "on the broker")
-            elif judge and row.consumers == 0:
-                problems.append(f"{sub.name}: its queue {queue} has no consumer "
-                                f"({row.ready or 0} message(s) waiting)")
-        stale = sub.last_seen is not None and now - sub.last_seen > stale_after
-        if stale and sub.last_seen is not None:
-            problems.append(
-                f"{sub.name} is stale: last announced {_ago(now - sub.last_seen)} ago, more "
-                f"than {STALE_AFTER_INTERVALS} x SHOP_ANNOUNCE_INTERVAL ({announce_interval:g} s)")
-        subscribers.append(SubscriberView(name=sub.name, consumes=dict(sub.consumes),
-                                          last_seen=sub.last_seen, stale=stale, queues=views))
-
-    for queue in kit_queues:
-        if queue in owners:
-            continue
-        row = snapshot.row(queue)
-        if judge and not row.exists:
-            problems.append(f"{queue} does not exist on the broker (has no service started "
-                            "with this SHOP_NAME_PREFIX?)")
-        elif judge and row.consumers == 0:
-            problems.append(f"{queue} has no consumer ({row.ready or 0} message(s) waiting)")
-
-    unannounced: list[UnannouncedQueue] = []
-    if registry is not None and snapshot.bindings is not None:
-        for exchange, queues in sorted(snapshot.bindings.items()):
-            for queue in queues:
-                if queue in owners or queue == history_of(exchange):
-                    continue
-                unannounced.append(UnannouncedQueue(queue=queue, exchange=exchange))
-                problems.append(f"{queue} is bound to {exchange} but no subscriber "
-                                "announced it: nobody tracks what it does with the events")
-
-    names = set(owners) | set(kit_queues) | {u.queue for u in unannounced}
-    if snapshot.listed_all:
-        names |= set(snapshot.discovered(prefix))
-    rows = snapshot.rows(names)
-    for row in rows:
-        if row.dead_letters:
-            problems.append(
-                f"{row.dead_letters} dead letter(s) waiting in {dead_letter_queue(row.queue)} "
-                f"(shop dlq list {_owner(row.queue, prefix, owners)})")
-    if late_orders:
-        problems.append(f"{late_orders} late order(s): an expected subscriber has not answered "
-                        "in time (shop order list)")
-    return SystemReport(
-        healthy=not problems,
-        checked_at=now,
-        problems=problems,
-        broker=BrokerState(reachable=snapshot.reachable, source=snapshot.source,
-                           error=snapshot.error),
-        subscribers=subscribers,
-        unannounced_queues=unannounced,
-        bindings_known=snapshot.bindings is not None,
-        queues=[QueueLine(**row.as_dict()) for row in rows],
-        late_orders=late_orders,
-        dead_letters=sum(row.dead_letters or 0 for row in rows),
-    )
 
 
 def growing(samples: Iterable[int | None], over: int = 3) -> bool:

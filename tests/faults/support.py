@@ -37,7 +37,7 @@ from common.kit.db import create_tables, make_engine
 from common.kit.outbox import kit_metadata
 from inventory_service.store import StockStore
 from inventory_service.store import metadata as inventory_metadata
-from order_service.cli import PLACE_ATTEMPTS
+from order_service.cli.placing import PLACE_ATTEMPTS
 
 T = TypeVar("T")
 

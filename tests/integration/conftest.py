@@ -15,7 +15,7 @@ from common.kit.runner import Runtime, ServiceRunner
 from common.kit.service import ServiceSpec
 from common.kit.settings import ServiceSettings
 from order_service.settings import OrderSettings
-from order_service.store import metadata
+from order_service.store.tables import metadata
 from tests.integration.support import (
     FakeRuntime,
     StartService,

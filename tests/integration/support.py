@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
 import uvicorn
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import ASGIApp
 
 from common.events import EVENT_TYPES, DeliveryReceipt, Event, receipts_of
@@ -19,7 +19,7 @@ from common.kit.runner import Runtime
 from common.kit.settings import ServiceSettings
 from common.kit.topology import Topology
 from common.ops.observe import sweep_prefix
-from order_service.api import Work
+from order_service.api.dependencies import Work
 
 T = TypeVar("T")
 
@@ -124,12 +124,24 @@ async def delete_topology(amqp_url: str, topologies: list[Topology], prefix: str
         await asyncio.to_thread(sweep_prefix, management_url, prefix)
 
 
+class OneByOne:
+    """Transactions one at a time, each with its own commit (the runtime groups them)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def run(self, work: Callable[[AsyncConnection], Coroutine[Any, Any, T]]) -> T:
+        async with self.engine.begin() as conn:
+            return await work(conn)
+
+
 class FakeRuntime:
     """The runtime the API needs, without a broker: `execute` commits and collects events."""
 
     def __init__(self, engine: AsyncEngine, settings: ServiceSettings) -> None:
         self.engine = engine
         self.settings = settings
+        self.commits = OneByOne(engine)
         self.published: list[Event] = []
         self.broker_up = True
         self.database_up = True

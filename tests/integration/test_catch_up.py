@@ -29,7 +29,8 @@ from common.ops import catchup
 from common.ops.access import apply, declare_shared, grant_for, remove
 from common.ops.observe import ManagementApi
 from order_service.service import service as order
-from order_service.store import OrderStore, deliveries
+from order_service.store import OrderStore
+from order_service.store.tables import deliveries
 from tests.factories import make_order
 from tests.integration.support import StartService, wait_for
 from tests.integration.test_kit import PROBE, effect_count

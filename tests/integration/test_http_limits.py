@@ -14,7 +14,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from order_service.http_server import LimitedHttpToolsProtocol, Server, server_config
+from order_service.api.server import LimitedHttpToolsProtocol, Server, server_config
 from order_service.settings import OrderSettings
 from tests.integration.support import wait_for
 

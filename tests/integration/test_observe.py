@@ -32,7 +32,7 @@ from common.kit.settings import ServiceSettings
 from common.ops import cli, observe
 from inventory_service.service import service as inventory
 from logistics_service.service import service as logistics
-from order_service.api import create_app
+from order_service.api.app import create_app
 from order_service.service import service as order_svc
 from order_service.settings import OrderSettings
 from seller_service.service import service as seller

@@ -18,18 +18,16 @@ from pydantic import SecretStr
 
 from common.events import DeliveryReceipt, Event, OrderPlaced, SubscriberAnnounced
 from common.kit.db import create_tables, make_engine
-from order_service.api import (
-    PAGE_MAX,
-    OrderRuntime,
-    create_app,
-    decode_cursor,
-    encode_cursor,
-    settle_forever,
-)
-from order_service.domain import NewOrder, place_order
+from order_service.api.app import create_app
+from order_service.api.dependencies import OrderRuntime
+from order_service.api.orders import PAGE_MAX, decode_cursor, encode_cursor
+from order_service.domain.order import NewOrder, place_order
 from order_service.service import service
 from order_service.settings import OrderSettings
-from order_service.store import OrderStore, Position, metadata, orders
+from order_service.store import OrderStore
+from order_service.store.status import Position
+from order_service.store.tables import metadata, orders
+from order_service.tracker import settle_forever
 from tests.factories import make_address, make_line
 from tests.integration.support import FakeRuntime, order_body, wait_for
 
@@ -219,7 +217,8 @@ async def test_answered_orders_are_settled_in_the_background_with_nobody_looking
     """What the service runs beside its API: answered orders past the deadline are settled
     without a look at late orders, so the first look after a quiet spell is short."""
     _answered, silent = await answered_and_silent(runtime)
-    settling = asyncio.create_task(settle_forever(runtime, timedelta(seconds=30), every=0.05))
+    settling = asyncio.create_task(settle_forever(runtime.commits, timedelta(seconds=30),
+                                                  every=0.05))
     try:
         async def settled() -> bool:
             return await still_open(runtime) == {str(silent.order_id)}

@@ -26,7 +26,8 @@ from inventory_service.service import service as inventory
 from inventory_service.store import StockStore
 from logistics_service.service import service as logistics
 from logistics_service.store import ShipmentStore
-from order_service.domain import NewOrder, OrderStatus, place_order
+from order_service.domain.order import NewOrder, place_order
+from order_service.domain.views import OrderStatus
 from order_service.service import service as order
 from order_service.store import OrderStore
 from seller_service.service import service as seller

@@ -28,16 +28,11 @@ from common.events import (
 from common.kit.db import UTCDateTime, create_tables, make_engine
 from common.kit.outbox import kit_metadata, outbox
 from common.kit.service import RejectedError
-from order_service.domain import NewOrder, OrderState, OrderStatus, place_order
+from order_service.domain.order import NewOrder, OrderState, place_order
+from order_service.domain.views import OrderStatus
 from order_service.service import PRODUCERS, service
-from order_service.store import (
-    OrderStore,
-    deliveries,
-    metadata,
-    orders,
-    outcomes,
-    upgrade_schema,
-)
+from order_service.store import OrderStore
+from order_service.store.tables import deliveries, metadata, orders, outcomes, upgrade_schema
 from tests.factories import make_address, make_line, make_order
 from tests.storage import index_names
 

@@ -14,6 +14,8 @@ from typer.testing import CliRunner, Result
 
 from common.ops.doctor import read_api
 from order_service import cli
+from order_service.cli import client
+from order_service.cli import orders as order_commands
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +37,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], list[httpx.Requ
             requests.append(request)
             return handler(request)
 
-        monkeypatch.setattr(cli, "make_client", lambda base_url: httpx.Client(
+        monkeypatch.setattr(client, "make_client", lambda base_url: httpx.Client(
             base_url=base_url, transport=httpx.MockTransport(handle)))
         return requests
 
@@ -101,7 +103,7 @@ def paged(total: int) -> Handler:
     """An API of `total` orders, whose cursor is the index of the next one."""
     def handle(request: httpx.Request) -> httpx.Response:
         limit = int(request.url.params["limit"])
-        assert limit <= cli.PAGE
+        assert limit <= order_commands.PAGE
         start = int(request.url.params.get("cursor", "0"))
         end = min(total, start + limit)
         headers = ({"Link": f'</orders?limit={limit}&cursor={end}>; rel="next"'}

@@ -16,6 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner, Result
 
 from common.ops import cli, dlq, observe, queues_cli
+from common.ops.dead_letter import DeadLetter, describe
 from common.ops.doctor import Check, Diagnosis, print_checklist
 from inventory_service import cli as inventory_cli
 from inventory_service.store import StockLevel
@@ -46,7 +47,7 @@ def reading_markup() -> Console:
     return Console(record=True, width=400, file=io.StringIO())
 
 
-def dead_letter(queue: str) -> dlq.DeadLetter:
+def dead_letter(queue: str) -> DeadLetter:
     message = aio_pika.Message(
         body=f"not json {MARKUP}".encode(), message_id=EVENT_ID, type=f"type {MARKUP}",
         correlation_id=f"flow {MARKUP}",
@@ -54,7 +55,7 @@ def dead_letter(queue: str) -> dlq.DeadLetter:
                  "x-exception-message": f"message {MARKUP}", "x-attempts": 3,
                  "x-original-queue": f"queue {MARKUP}", f"x-header {MARKUP}": f"value {MARKUP}",
                  "x-failed-at": NOW.isoformat()})
-    return dlq.describe(queue, message)
+    return describe(queue, message)
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def letters(monkeypatch: pytest.MonkeyPatch) -> None:
     async def list_dead_letters(*_args: Any, **_kwargs: Any) -> dlq.Listing:
         return dlq.Listing(found, {letter.dlq: 1 for letter in found})
 
-    async def find_dead_letters(*_args: Any) -> list[dlq.DeadLetter]:
+    async def find_dead_letters(*_args: Any) -> list[DeadLetter]:
         return found[:1]
 
     monkeypatch.setattr(dlq, "list_dead_letters", list_dead_letters)

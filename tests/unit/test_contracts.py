@@ -33,7 +33,8 @@ from common.kit.broker import message_for
 from common.kit.declare import Service
 from common.kit.topology import Topology
 from common.ops import cli
-from order_service.api import asyncapi_router, create_app
+from order_service.api.app import create_app
+from order_service.api.asyncapi import asyncapi_router
 from order_service.settings import OrderSettings
 from tests.factories import make_order
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from common.kit.settings import ServiceSettings
-from common.ops import dlq, dlq_cli
+from common.ops import dead_letter, dlq, dlq_cli, dlq_replay
 
 pytestmark = pytest.mark.unit
 
@@ -72,7 +72,7 @@ def broker_dead_letter() -> aio_pika.Message:
 
 def test_a_kit_dead_letter_says_why_how_often_and_when() -> None:
     """Reason, exception, attempts and failure times come from the kit's x- headers."""
-    letter = dlq.describe(DLQ, kit_dead_letter())
+    letter = dead_letter.describe(DLQ, kit_dead_letter())
     assert letter.message_id == EVENT_ID
     assert letter.event_type == "OrderPlaced"
     assert letter.correlation_id == ORDER_ID
@@ -92,7 +92,7 @@ def test_a_kit_dead_letter_says_why_how_often_and_when() -> None:
 
 def test_a_broker_dead_letter_explains_the_delivery_limit() -> None:
     """No kit reason applies: the broker parked it after the consumer died on every delivery."""
-    letter = dlq.describe(DLQ, broker_dead_letter())
+    letter = dead_letter.describe(DLQ, broker_dead_letter())
     assert letter.by_broker
     assert letter.reason.startswith("delivery limit: the consumer crashed or lost its connection")
     assert letter.attempts is None  # the kit's count is from an earlier failure only
@@ -106,7 +106,7 @@ def test_an_unreadable_body_is_shown_as_text() -> None:
     """A poison message's body is not JSON; it is shown as it is."""
     message = kit_dead_letter(**{"x-error-reason": "poison"})
     message.body = b"{not json"
-    letter = dlq.describe(DLQ, message)
+    letter = dead_letter.describe(DLQ, message)
     assert letter.reason == "poison"
     assert letter.body_json() == "{not json"
 
@@ -114,18 +114,19 @@ def test_an_unreadable_body_is_shown_as_text() -> None:
 def test_a_replayed_copy_starts_over() -> None:
     """Attempts, failure and broker headers go; the replay is stamped and counted."""
     old = dict(broker_dead_letter().headers)
-    first = dlq.replay_headers(old, NOW)
-    assert not set(first) & dlq.FAILURE_HEADERS
+    first = dlq_replay.replay_headers(old, NOW)
+    assert not set(first) & dlq_replay.FAILURE_HEADERS
     assert first["schema_version"] == 1
     assert first["x-original-exchange"] == "p.order.placed"
     assert first["x-replay-count"] == 1
     assert first["x-replayed-at"] == NOW.isoformat()
-    assert dlq.replay_headers(first, NOW)["x-replay-count"] == 2
+    assert dlq_replay.replay_headers(first, NOW)["x-replay-count"] == 2
 
 
 def test_a_replay_leaves_a_receipt() -> None:
     """The receipt names the subscriber, its queue, the event and its order flow."""
-    receipt = dlq.replay_receipt(dlq.describe(DLQ, kit_dead_letter()), "inventory", NOW)
+    letter = dead_letter.describe(DLQ, kit_dead_letter())
+    receipt = dlq_replay.replay_receipt(letter, "inventory", NOW)
     assert receipt.outcome == "replayed"
     assert receipt.subscriber == "inventory"
     assert receipt.queue == QUEUE
@@ -162,9 +163,9 @@ def test_ages_read_like_people_say_them(seconds: int, shown: str) -> None:
 # --- the commands, with the operations replaced by fakes ----------------------------------
 
 class FakeOperations:
-    """Stands in for common.ops.dlq's broker operations and remembers what was asked."""
+    """Stands in for the DLQ tools' broker operations and remembers what was asked."""
 
-    def __init__(self, letters: list[dlq.DeadLetter]) -> None:
+    def __init__(self, letters: list[dead_letter.DeadLetter]) -> None:
         self.letters = letters
         self.calls: list[tuple[str, Any]] = []
 
@@ -175,16 +176,16 @@ class FakeOperations:
                            else {})
 
     async def find_dead_letters(self, _settings: ServiceSettings, message_id: str
-                                ) -> list[dlq.DeadLetter]:
+                                ) -> list[dead_letter.DeadLetter]:
         self.calls.append(("find", message_id))
         return [x for x in self.letters if x.message_id == message_id]
 
     async def replay(self, _settings: ServiceSettings, service: str, *,
-                     message_ids: Collection[str] | None) -> dlq.ReplayReport:
+                     message_ids: Collection[str] | None) -> dlq_replay.ReplayReport:
         self.calls.append(("replay", None if message_ids is None else sorted(message_ids)))
         chosen = [x for x in self.letters if message_ids is None or x.message_id in message_ids]
         missing = sorted(set(message_ids or ()) - {x.message_id for x in chosen})
-        return dlq.ReplayReport(replayed=chosen, not_found=missing)
+        return dlq_replay.ReplayReport(replayed=chosen, not_found=missing)
 
     async def count_dead_letters(self, _settings: ServiceSettings, service: str
                                  ) -> dict[str, int]:
@@ -199,10 +200,11 @@ class FakeOperations:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeOperations]:
     def install(*messages: aio_pika.Message) -> FakeOperations:
-        operations = FakeOperations([dlq.describe(DLQ, m) for m in messages])
-        for name in ("list_dead_letters", "find_dead_letters", "replay", "count_dead_letters",
-                     "purge"):
+        operations = FakeOperations([dead_letter.describe(DLQ, m) for m in messages])
+        for name in ("list_dead_letters", "find_dead_letters", "count_dead_letters"):
             monkeypatch.setattr(dlq, name, getattr(operations, name))
+        for name in ("replay", "purge"):
+            monkeypatch.setattr(dlq_replay, name, getattr(operations, name))
         return operations
     return install
 

@@ -191,7 +191,7 @@ def test_decode_names_what_is_wrong_with_a_poison_message(body: bytes, type_: st
 def test_new_events_and_orders_get_time_ordered_ids() -> None:
     """Ids made one after another sort in that order (version 7), so the tables indexed by
     them take each new row at the end; and they survive the wire unchanged."""
-    from order_service.domain import NewOrder, place_order
+    from order_service.domain.order import NewOrder, place_order
 
     order = NewOrder(customer_id="cust-1", currency="EUR", lines=[OrderLine(
         sku="SKU-1", quantity=1, unit_price=Decimal("5.00"), seller_id="seller-1")],

@@ -15,7 +15,8 @@ from rich.console import Console
 
 from common.ops import observe
 from common.ops.doctor import Check, Diagnosis, print_checklist
-from common.ops.observe import Announced, BrokerSnapshot, QueueStats, compare
+from common.ops.observe import BrokerSnapshot, QueueStats
+from common.ops.system_report import Announced, SystemReport, compare
 
 pytestmark = pytest.mark.unit
 
@@ -55,7 +56,7 @@ def healthy_broker(bindings: Mapping[str, tuple[str, ...]] | None = BOUND,
 
 
 def check(snap: BrokerSnapshot, registry: list[Announced] | None = None,
-          **kwargs: Any) -> observe.SystemReport:
+          **kwargs: Any) -> SystemReport:
     return compare(snap, [INVENTORY, LOGISTICS] if registry is None else registry, prefix=P,
                    now=NOW, announce_interval=60, kit_queues=[AUDIT], **kwargs)
 

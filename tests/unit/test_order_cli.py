@@ -13,6 +13,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from order_service import cli
+from order_service.cli import client, placing
+from order_service.cli import orders as order_commands
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +49,7 @@ def accepted(request: httpx.Request) -> httpx.Response:
 def api(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeApi]:
     def install(handler: Callable[[httpx.Request], httpx.Response] = accepted) -> FakeApi:
         fake = FakeApi(handler)
-        monkeypatch.setattr(cli, "make_client", fake.client)
+        monkeypatch.setattr(client, "make_client", fake.client)
         return fake
     monkeypatch.delenv("SHOP_API_URL", raising=False)
     return install
@@ -111,7 +113,7 @@ def test_place_gives_up_after_its_attempts(api: Callable[..., FakeApi]) -> None:
     result = run("place", "--customer", "c", "--item", "S:1:1:x", *ADDRESS)
     assert result.exit_code == 1
     assert "connection reset" in result.stderr
-    assert len(fake.requests) == cli.PLACE_ATTEMPTS
+    assert len(fake.requests) == placing.PLACE_ATTEMPTS
 
 
 def test_place_json_prints_the_whole_answer(api: Callable[..., FakeApi]) -> None:
@@ -310,7 +312,7 @@ def test_status_wait_polls_until_nobody_is_pending(api: Callable[..., FakeApi],
                status_body(complete=True)]
     fake = api(lambda _r: httpx.Response(200, json=answers.pop(0)))
     naps: list[float] = []
-    monkeypatch.setattr(cli, "_sleep", naps.append)
+    monkeypatch.setattr(order_commands, "_sleep", naps.append)
     result = run("status", ORDER_ID, "--wait", "30", "--json")
     assert result.exit_code == 0, result.output
     assert len(fake.requests) == 3

@@ -11,19 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from common.events import Address, OrderLine, OrderPlaced
-from order_service.domain import (
-    EXAMPLE_ORDER,
-    NewOrder,
-    OrderState,
-    Receipt,
-    TracedOutcome,
-    TracedReceipt,
-    advance,
-    fan_out,
-    outcome_detail,
-    place_order,
-    trace,
-)
+from order_service.domain.fanout import Receipt, fan_out
+from order_service.domain.order import EXAMPLE_ORDER, NewOrder, OrderState, advance, place_order
+from order_service.domain.timeline import TracedOutcome, TracedReceipt, trace
+from order_service.domain.views import outcome_detail
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from order_service.api import create_app
+from order_service.api.app import create_app
 from order_service.settings import OrderSettings
 
 pytestmark = pytest.mark.unit

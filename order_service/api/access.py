@@ -8,7 +8,7 @@ caller without the token learns nothing but that it needs one.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from typing import Annotated, Any
 
 from fastapi import HTTPException, Security
@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.ops.credentials import API_TOKEN_VAR, OPERATOR_TOKEN_VAR
+from order_service.api.dependencies import Settings
 
 #: Names of the bearer schemes in the OpenAPI document.
 API_SCHEME = "ApiToken"
@@ -129,28 +130,24 @@ _operator_scheme = HTTPBearer(
 Operator = Annotated[HTTPAuthorizationCredentials | None, Security(_operator_scheme)]
 
 
-def operator_only(*, operator: SecretStr | None, api: SecretStr | None
-                  ) -> Callable[[HTTPAuthorizationCredentials | None], Awaitable[None]]:
+async def operator_only(credentials: Operator, settings: Settings) -> None:
     """A route dependency: the request carries the operator token (403 while the service
     has none, saying how to turn operator actions on)."""
-
-    async def check(credentials: Operator) -> None:
-        if operator is None:
-            raise HTTPException(403, "operator actions are off: start the order service with "
-                                     f"{OPERATOR_TOKEN_VAR} set (at least 16 characters) and "
-                                     "send it as Authorization: Bearer <token>")
-        given = credentials.credentials if credentials is not None else None
-        if matches(given, operator):
-            return
-        if matches(given, api):
-            raise HTTPException(403, f"this is an operator action: it needs "
-                                     f"{OPERATOR_TOKEN_VAR}, not {API_TOKEN_VAR}",
-                                headers=_challenge("insufficient_scope"))
-        raise HTTPException(401, f"this is an operator action: send Authorization: Bearer "
-                                 f"<{OPERATOR_TOKEN_VAR}>",
-                            headers=_challenge(None if given is None else "invalid_token"))
-
-    return check
+    operator, api = settings.operator_token, settings.api_token
+    if operator is None:
+        raise HTTPException(403, "operator actions are off: start the order service with "
+                                 f"{OPERATOR_TOKEN_VAR} set (at least 16 characters) and "
+                                 "send it as Authorization: Bearer <token>")
+    given = credentials.credentials if credentials is not None else None
+    if matches(given, operator):
+        return
+    if matches(given, api):
+        raise HTTPException(403, f"this is an operator action: it needs "
+                                 f"{OPERATOR_TOKEN_VAR}, not {API_TOKEN_VAR}",
+                            headers=_challenge("insufficient_scope"))
+    raise HTTPException(401, f"this is an operator action: send Authorization: Bearer "
+                             f"<{OPERATOR_TOKEN_VAR}>",
+                        headers=_challenge(None if given is None else "invalid_token"))
 
 
 def declare_api_token(schema: dict[str, Any], open_paths: Collection[str]) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from functools import cache
 from importlib.resources import files
 
+from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse
+
+router = APIRouter()
 
 # The page runs only its own inline script and talks only to the service that served it.
 _HEADERS = {
@@ -26,3 +29,9 @@ def _html() -> str:
 def index_page() -> HTMLResponse:
     """The page, read from the package once per process."""
     return HTMLResponse(_html(), headers=_HEADERS)
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> Response:
+    """The live page: recent orders, a light per subscriber, queues, problems."""
+    return index_page()
